@@ -1,0 +1,11 @@
+"""ssmix: structured sequence-mixing layers in JAX/Flax.
+
+S4-family state space models, Hydra's quasiseparable mixer and Kronecker / higher-order
+attention as tested, fast building blocks. See README.md for the table of layers and modes.
+"""
+
+from ssmix import kernels, testing
+
+__version__ = "0.1.0"
+
+__all__ = ["kernels", "testing", "__version__"]

@@ -1,0 +1,415 @@
+"""The kernel-equivalence harness: compare every fast form of a computation with its reference.
+
+Two public functions:
+
+- :func:`assert_close` compares two pytrees of arrays with a dtype-aware tolerance. A leaf
+  passes when its maximum absolute error is at most ``atol``; otherwise its relative RMS error
+  ``‖ref − got‖₂ / ‖ref‖₂`` must be below ``ratio``. NaN or inf in ``got`` where ``ref`` is
+  finite always fails. The failure message names the leaf, the worst index, both values and
+  both error measures.
+- :func:`check_equivalent` runs several implementations on the same arguments, compares every
+  output leaf (outputs and final states alike) with the first implementation (the reference),
+  and compares gradients with respect to every floating-point argument, obtained by
+  back-propagating one shared random cotangent through each implementation.
+
+Users can test their own kernels with it exactly as ssmix tests its own::
+
+    from ssmix.testing import check_equivalent
+    report = check_equivalent({"loop": reference_fn, "fast": fast_fn}, a, b)
+    print(report)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["assert_close", "check_equivalent", "default_tolerance", "EquivalenceReport"]
+
+# (atol, ratio) per precision class. The ratio bounds the relative RMS error, which is the
+# meaningful measure for long reductions (FFTs, scans) where single entries may be tiny.
+_TOLERANCES = {
+    "float64": (1e-10, 1e-8),
+    "float32": (1e-5, 2e-4),
+    "float16": (1e-2, 2e-2),
+    "bfloat16": (2e-2, 3e-2),
+}
+
+
+def _precision_class(dtype: Any) -> str:
+    dtype = np.dtype(dtype)
+    if dtype == jnp.bfloat16:
+        return "bfloat16"
+    if dtype.kind in "biu":
+        return "exact"
+    if dtype.kind == "c":
+        return "float64" if dtype.itemsize >= 16 else "float32"
+    if dtype.itemsize >= 8:
+        return "float64"
+    if dtype.itemsize == 4:
+        return "float32"
+    return "float16"
+
+
+def default_tolerance(dtype: Any) -> tuple[float, float]:
+    """Return the default ``(atol, ratio)`` for arrays of ``dtype``.
+
+    float64 / complex128 are tight (1e-10, 1e-8); float32 / complex64 (1e-5, 2e-4);
+    float16 and bfloat16 loose. Integer and boolean arrays must match exactly (0, 0).
+    """
+    cls = _precision_class(dtype)
+    if cls == "exact":
+        return 0.0, 0.0
+    return _TOLERANCES[cls]
+
+
+def _looser_dtype(a: np.ndarray, b: np.ndarray) -> Any:
+    """The dtype of the two with the lower precision: it decides the tolerance."""
+    order = ["exact", "float64", "float32", "float16", "bfloat16"]
+    ca, cb = _precision_class(a.dtype), _precision_class(b.dtype)
+    return a.dtype if order.index(ca) >= order.index(cb) else b.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafError:
+    """Errors of one compared leaf: the maximum absolute error and the relative RMS error."""
+
+    name: str
+    max_abs: float
+    rel_rms: float
+    passed: bool
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype == jnp.bfloat16 or x.dtype == np.float16:
+        return x.astype(np.float32)
+    return x
+
+
+def _compare_leaf(
+    ref: Any,
+    got: Any,
+    *,
+    ratio: float | None,
+    atol: float | None,
+    name: str,
+    check_dtype: bool,
+) -> tuple[LeafError, str | None]:
+    """Compare one leaf; return its errors and a failure message (None when it passes)."""
+    ref_raw, got_raw = np.asarray(ref), np.asarray(got)
+    if ref_raw.shape != got_raw.shape:
+        return (
+            LeafError(name, np.inf, np.inf, False),
+            f"{name}: shape mismatch, expected {ref_raw.shape}, got {got_raw.shape}",
+        )
+    if check_dtype and ref_raw.dtype != got_raw.dtype:
+        return (
+            LeafError(name, np.inf, np.inf, False),
+            f"{name}: dtype mismatch, expected {ref_raw.dtype}, got {got_raw.dtype}",
+        )
+    if np.iscomplexobj(got_raw) and not np.iscomplexobj(ref_raw):
+        return (
+            LeafError(name, np.inf, np.inf, False),
+            f"{name}: got a complex array where the reference is real ({ref_raw.dtype})",
+        )
+    d_atol, d_ratio = default_tolerance(_looser_dtype(ref_raw, got_raw))
+    atol = d_atol if atol is None else atol
+    ratio = d_ratio if ratio is None else ratio
+    r, g = _to_numpy(ref_raw), _to_numpy(got_raw)
+    if r.size == 0:
+        return LeafError(name, 0.0, 0.0, True), None
+
+    ref_finite, got_finite = np.isfinite(r), np.isfinite(g)
+    # Non-finite entries must coincide exactly (same NaN positions, same signed infinities).
+    same_nonfinite = (~ref_finite) & (~got_finite) & ((r == g) | (np.isnan(r) & np.isnan(g)))
+    bad = ~got_finite & ~same_nonfinite
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        return (
+            LeafError(name, np.inf, np.inf, False),
+            f"{name}: {int(bad.sum())} non-finite value(s) in the result that the reference "
+            f"does not have; first at index {idx}: expected {r[idx]!r}, got {g[idx]!r}",
+        )
+    lost = ~ref_finite & got_finite
+    if lost.any():
+        idx = tuple(int(i) for i in np.argwhere(lost)[0])
+        return (
+            LeafError(name, np.inf, np.inf, False),
+            f"{name}: the reference is non-finite at {idx} ({r[idx]!r}) but the result is "
+            f"{g[idx]!r}",
+        )
+
+    mask = ref_finite
+    if r.dtype.kind in "biu" and g.dtype.kind in "biu":
+        diff = np.abs(r.astype(np.int64) - g.astype(np.int64)).astype(np.float64)
+    else:
+        rr = r.astype(np.complex128 if np.iscomplexobj(r) else np.float64)
+        gg = g.astype(np.complex128 if np.iscomplexobj(g) else np.float64)
+        diff = np.abs(np.where(mask, rr, 0) - np.where(mask, gg, 0))
+    max_abs = float(diff.max())
+    ref_norm = float(np.sqrt(np.sum(np.abs(np.where(mask, r, 0)).astype(np.float64) ** 2)))
+    err_norm = float(np.sqrt(np.sum(diff**2)))
+    rel_rms = err_norm / ref_norm if ref_norm > 0 else (0.0 if err_norm == 0 else np.inf)
+    passed = max_abs <= atol or rel_rms < ratio
+    if passed:
+        return LeafError(name, max_abs, rel_rms, True), None
+    idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
+    msg = (
+        f"{name}: max abs error {max_abs:.3e} > atol {atol:.1e} and relative RMS error "
+        f"{rel_rms:.3e} >= ratio {ratio:.1e}; worst index {idx}: expected {r[idx]!r}, "
+        f"got {g[idx]!r} (shape {r.shape}, dtype {got_raw.dtype})"
+    )
+    return LeafError(name, max_abs, rel_rms, False), msg
+
+
+def _named_leaves(tree: Any, prefix: str) -> list[tuple[str, Any]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(prefix + jax.tree_util.keystr(path), leaf) for path, leaf in leaves]
+
+
+def _compare_trees(
+    ref: Any,
+    got: Any,
+    *,
+    ratio: float | None,
+    atol: float | None,
+    name: str,
+    check_dtype: bool,
+) -> tuple[list[LeafError], list[str]]:
+    ref_struct = jax.tree_util.tree_structure(ref)
+    got_struct = jax.tree_util.tree_structure(got)
+    if ref_struct != got_struct:
+        msg = f"{name}: pytree structure mismatch, expected {ref_struct}, got {got_struct}"
+        return [LeafError(name, np.inf, np.inf, False)], [msg]
+    errors, failures = [], []
+    for (leaf_name, r), (_, g) in zip(
+        _named_leaves(ref, name), _named_leaves(got, name), strict=True
+    ):
+        err, msg = _compare_leaf(
+            r, g, ratio=ratio, atol=atol, name=leaf_name or "value", check_dtype=check_dtype
+        )
+        errors.append(err)
+        if msg is not None:
+            failures.append(msg)
+    return errors, failures
+
+
+def assert_close(
+    ref: Any,
+    got: Any,
+    *,
+    ratio: float | None = None,
+    atol: float | None = None,
+    name: str = "",
+    check_dtype: bool = False,
+) -> list[LeafError]:
+    """Assert that two pytrees of arrays agree, leaf by leaf.
+
+    Args:
+      ref: the reference value (array or pytree of arrays).
+      got: the value under test, with the same pytree structure and leaf shapes.
+      ratio: bound on the relative RMS error ``‖ref − got‖₂ / ‖ref‖₂``; default by dtype.
+      atol: a leaf whose maximum absolute error is at most ``atol`` passes outright; default
+        by dtype (see :func:`default_tolerance`; the less precise dtype of the pair decides).
+      name: prefix for the leaf names in the failure message.
+      check_dtype: also require identical dtypes.
+
+    Returns:
+      The per-leaf errors (useful for reports).
+
+    Raises:
+      AssertionError: naming every failing leaf, its worst index, both values and both errors.
+        NaN or inf in ``got`` that are not in ``ref`` always fail.
+    """
+    errors, failures = _compare_trees(
+        ref, got, ratio=ratio, atol=atol, name=name, check_dtype=check_dtype
+    )
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return errors
+
+
+@dataclasses.dataclass
+class EquivalenceReport:
+    """Worst errors per implementation, for outputs and gradients, against the reference."""
+
+    reference: str
+    rows: dict[str, dict[str, tuple[float, float]]]
+
+    def __str__(self) -> str:
+        lines = [
+            f"reference: {self.reference}",
+            f"{'impl':<24}{'part':<10}{'max abs':>12}{'rel rms':>12}",
+        ]
+        for impl, parts in self.rows.items():
+            for part, (max_abs, rel_rms) in parts.items():
+                lines.append(f"{impl:<24}{part:<10}{max_abs:>12.3e}{rel_rms:>12.3e}")
+        return "\n".join(lines)
+
+
+def _is_differentiable(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(
+        jnp.asarray(x).dtype, jnp.inexact
+    )
+
+
+def _random_like(key: jax.Array, x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    if jnp.iscomplexobj(x):
+        kr, ki = jax.random.split(key)
+        real_dtype = jnp.finfo(x.dtype).dtype
+        re = jax.random.normal(kr, x.shape, real_dtype)
+        im = jax.random.normal(ki, x.shape, real_dtype)
+        return (re + 1j * im).astype(x.dtype)
+    return jax.random.normal(key, x.shape, x.dtype)
+
+
+def _worst(errors: list[LeafError]) -> tuple[float, float]:
+    if not errors:
+        return 0.0, 0.0
+    return max(e.max_abs for e in errors), max(e.rel_rms for e in errors)
+
+
+def check_equivalent(
+    impls: Mapping[str, Callable[..., Any]],
+    *args: Any,
+    grads: bool = True,
+    seed: int = 0,
+    ratio: float | None = None,
+    atol: float | None = None,
+    grad_ratio: float | None = None,
+    grad_atol: float | None = None,
+    check_dtype: bool = True,
+) -> EquivalenceReport:
+    """Check that several implementations of one computation agree, values and gradients.
+
+    The first entry of ``impls`` is the reference. Each implementation is called as
+    ``fn(*args)``; its output may be any pytree (for example ``(y, final_state)``). Every
+    output leaf is compared with the reference's by :func:`assert_close`, and the reference
+    itself must be finite.
+
+    With ``grads=True`` one random cotangent per inexact output leaf (drawn from ``seed``) is
+    back-propagated through every implementation, i.e. the gradient of
+    ``Σ Re⟨cotangent, output⟩`` is taken with respect to every floating-point or complex
+    array among the (possibly nested) ``args``; those gradients are compared with the
+    reference's as well. Non-array and integer arguments are held fixed.
+
+    Args:
+      impls: name -> callable, reference first (at least two entries).
+      *args: the shared arguments.
+      grads: also compare gradients.
+      seed: seed of the shared cotangent.
+      ratio, atol: tolerances for outputs (defaults by dtype, see :func:`default_tolerance`).
+      grad_ratio, grad_atol: tolerances for gradients (default: ``ratio`` and ``atol``).
+      check_dtype: require every implementation to return the reference's dtypes.
+
+    Returns:
+      An :class:`EquivalenceReport` with the worst errors per implementation.
+
+    Raises:
+      ValueError: fewer than two implementations.
+      AssertionError: any disagreement, naming the implementation and the leaf.
+    """
+    if len(impls) < 2:
+        raise ValueError(f"check_equivalent needs at least two implementations, got {len(impls)}")
+    names = list(impls)
+    ref_name = names[0]
+    outputs = {name: impls[name](*args) for name in names}
+    ref_out = outputs[ref_name]
+    for leaf_name, leaf in _named_leaves(ref_out, f"{ref_name}"):
+        arr = np.asarray(leaf)
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            raise AssertionError(f"reference output {leaf_name} contains NaN or inf")
+
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    failures: list[str] = []
+    for name in names[1:]:
+        errs, fails = _compare_trees(
+            ref_out,
+            outputs[name],
+            ratio=ratio,
+            atol=atol,
+            name=f"[{name}] output",
+            check_dtype=check_dtype,
+        )
+        rows[name] = {"output": _worst(errs)}
+        failures += fails
+
+    if grads:
+        flat_args, treedef = jax.tree_util.tree_flatten(args)
+        diff_idx = [i for i, x in enumerate(flat_args) if _is_differentiable(x)]
+        if not diff_idx:
+            raise ValueError("grads=True but no floating-point array among the arguments")
+        out_leaves = [
+            leaf
+            for leaf in jax.tree_util.tree_leaves(ref_out)
+            if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+        ]
+        keys = jax.random.split(jax.random.PRNGKey(seed), max(len(out_leaves), 1))
+        cotangents = [_random_like(k, leaf) for k, leaf in zip(keys, out_leaves, strict=False)]
+
+        def make_loss(fn: Callable[..., Any]) -> Callable[..., jax.Array]:
+            def loss(*diff_vals: jax.Array) -> jax.Array:
+                flat = list(flat_args)
+                for i, v in zip(diff_idx, diff_vals, strict=True):
+                    flat[i] = v
+                out = fn(*jax.tree_util.tree_unflatten(treedef, flat))
+                leaves = [
+                    leaf
+                    for leaf in jax.tree_util.tree_leaves(out)
+                    if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)
+                ]
+                if len(leaves) != len(cotangents):
+                    raise AssertionError(
+                        f"implementation returned {len(leaves)} inexact leaves, the reference "
+                        f"{len(cotangents)}"
+                    )
+                total = jnp.zeros((), jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+                for leaf, cot in zip(leaves, cotangents, strict=True):
+                    total = total + jnp.sum(jnp.real(jnp.conj(cot) * leaf)).astype(total.dtype)
+                return total
+
+            return loss
+
+        diff_vals = [flat_args[i] for i in diff_idx]
+        argnums = tuple(range(len(diff_idx)))
+        # Gradients are keyed by the position of the argument leaf in the flattened args.
+        grads_by_impl = {
+            name: dict(
+                zip(
+                    (f"arg{i}" for i in diff_idx),
+                    jax.grad(make_loss(impls[name]), argnums=argnums)(*diff_vals),
+                    strict=True,
+                )
+            )
+            for name in names
+        }
+        for leaf_name, leaf in _named_leaves(grads_by_impl[ref_name], f"{ref_name} grad"):
+            arr = np.asarray(leaf)
+            if not np.all(np.isfinite(arr)):
+                raise AssertionError(f"reference gradient {leaf_name} contains NaN or inf")
+        g_ratio = ratio if grad_ratio is None else grad_ratio
+        g_atol = atol if grad_atol is None else grad_atol
+        for name in names[1:]:
+            errs, fails = _compare_trees(
+                grads_by_impl[ref_name],
+                grads_by_impl[name],
+                ratio=g_ratio,
+                atol=g_atol,
+                name=f"[{name}] grad",
+                check_dtype=check_dtype,
+            )
+            rows[name]["grad"] = _worst(errs)
+            failures += fails
+
+    if failures:
+        raise AssertionError(
+            f"implementations disagree with the reference '{ref_name}':\n" + "\n".join(failures)
+        )
+    return EquivalenceReport(reference=ref_name, rows=rows)
