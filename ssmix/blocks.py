@@ -1,0 +1,389 @@
+"""Residual blocks and model stacks around any ssmix sequence mixer.
+
+A *mixer* is any module called as ``mixer(x (B, L, H), mask=None) -> (B, L, H)`` (every
+layer in :mod:`ssmix.layers` follows this convention). A *mixer factory* is a callable
+``factory(d_model, rngs=rngs) -> mixer``, e.g. ``functools.partial(S4D, d_state=64)``.
+
+- :class:`ResidualBlock`: norm, mixer, activation, output projection or GLU, dropout tied
+  across the length axis, residual connection (pre- or post-norm), optional MLP sub-block.
+- :class:`SequenceModel`: token embedding or linear encoder, a stack of residual blocks,
+  pooling over the sequence and a classification head.
+- :class:`RetrievalModel`: a siamese :class:`SequenceModel` encoder whose two pooled
+  features u, v are combined as ``[u, v, u - v, u * v]`` and classified by an MLP.
+
+Training-mode switches follow Flax NNX: ``model.train()`` / ``model.eval()`` toggle dropout
+and BatchNorm (running statistics). Dropout draws its keys from the ``rngs`` argument of the
+call (an ``nnx.Rngs`` with a ``dropout`` stream), so a jitted train step can derive them from
+a step-dependent key and stay a pure function.
+
+BatchNorm and padding: with a ``mask``, batch statistics are computed over valid positions
+only (padded positions never shift the mean or variance); running averages are updated from
+those masked statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssmix._checks import check_choice, check_ndim, check_positive_int
+
+NORMS = ("layer", "batch", "rms")
+ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
+GLUS = ("none", "full", "half1", "half2")
+POOLINGS = ("mean", "masked_mean", "last")
+POSITIONALS = ("none", "sinusoidal")
+
+# Flax's default BatchNorm momentum (0.99) makes running statistics lag far behind the
+# weights in short runs; 0.9 matches PyTorch's default (momentum 0.1) used by the S4 code.
+BATCHNORM_MOMENTUM = 0.9
+
+MixerFactory = Callable[..., nnx.Module]
+
+_ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": jax.nn.gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "identity": lambda x: x,
+}
+
+
+class Norm(nnx.Module):
+    """Normalisation over the feature axis of ``x (B, L, H)``: ``layer``, ``batch`` or ``rms``.
+
+    ``batch`` normalises with statistics over batch and length; with ``mask (B, L)`` only valid
+    positions enter the statistics.
+    """
+
+    def __init__(self, d_model: int, kind: str = "layer", *, rngs: nnx.Rngs):
+        self.kind = check_choice("norm", kind, NORMS)
+        if kind == "layer":
+            self.norm = nnx.LayerNorm(d_model, rngs=rngs)
+        elif kind == "rms":
+            self.norm = nnx.RMSNorm(d_model, rngs=rngs)
+        else:
+            self.norm = nnx.BatchNorm(d_model, momentum=BATCHNORM_MOMENTUM, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Normalise ``x (B, L, H)``; ``mask (B, L)`` restricts BatchNorm statistics."""
+        if self.kind == "batch" and mask is not None:
+            return self.norm(x, mask=mask[..., None])
+        return self.norm(x)
+
+
+class ResidualBlock(nnx.Module):
+    """One residual block around a sequence mixer: ``x (B, L, H) -> (B, L, H)``.
+
+    Sub-layer ``f``: mixer → activation → output map → dropout, where the output map is
+    (``glu``): ``"none"`` a linear H→H; ``"full"`` ``W₁a ⊙ σ(W₂a)`` (the S4 ``glu`` and S5
+    ``full_glu``); ``"half1"`` ``a ⊙ σ(Wa)``; ``"half2"`` ``z ⊙ σ(Wa)`` with ``z`` the mixer
+    output and ``a = activation(z)`` (S5's ``half_glu1`` / ``half_glu2``). Dropout (after the
+    activation and after the output map) draws one mask per (example, feature), shared along
+    the length, as in the S4 code. Pre-norm: ``x + f(norm(x))``; post-norm:
+    ``norm(x + f(x))``. With ``mlp_ratio > 0`` a second residual sub-block (norm, linear
+    H→rH, activation, linear rH→H, dropout) follows: the Transformer layout.
+
+    Args:
+      mixer: a constructed sequence mixer ``mixer(x (B, L, H), mask=None) -> (B, L, H)``.
+      d_model: H, the feature size of the residual stream.
+      norm: ``"layer"``, ``"batch"`` or ``"rms"``.
+      prenorm: normalise before the mixer (True) or after the residual sum (False).
+      activation: ``"gelu"``, ``"relu"``, ``"silu"``, ``"tanh"`` or ``"identity"``.
+      glu: ``"none"``, ``"full"``, ``"half1"`` or ``"half2"`` (see above).
+      dropout: dropout rate in [0, 1).
+      mlp_ratio: hidden size of the optional MLP sub-block as a multiple of H (0: none).
+      rngs: parameter initialisation keys.
+    """
+
+    def __init__(
+        self,
+        mixer: nnx.Module,
+        d_model: int,
+        *,
+        norm: str = "layer",
+        prenorm: bool = True,
+        activation: str = "gelu",
+        glu: str = "full",
+        dropout: float = 0.0,
+        mlp_ratio: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        check_positive_int("d_model", d_model)
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("glu", glu, GLUS)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        if mlp_ratio < 0:
+            raise ValueError(f"mlp_ratio must be >= 0; got {mlp_ratio!r}")
+        self.d_model = d_model
+        self.mixer = mixer
+        self.prenorm = prenorm
+        self.activation = activation
+        self.glu = glu
+        self.norm = Norm(d_model, norm, rngs=rngs)
+        out_features = 2 * d_model if glu == "full" else d_model
+        self.out = nnx.Linear(d_model, out_features, rngs=rngs)
+        # broadcast_dims=(1,): one mask per (example, feature), tied along the length.
+        self.dropout = nnx.Dropout(dropout, broadcast_dims=(1,))
+        if mlp_ratio > 0:
+            hidden = max(1, int(round(mlp_ratio * d_model)))
+            self.mlp_norm = Norm(d_model, norm, rngs=rngs)
+            self.mlp_in = nnx.Linear(d_model, hidden, rngs=rngs)
+            self.mlp_out = nnx.Linear(hidden, d_model, rngs=rngs)
+        else:
+            self.mlp_norm = None
+            self.mlp_in = None
+            self.mlp_out = None
+
+    def _mix(self, x, mask, rngs):
+        act = _ACTIVATION_FNS[self.activation]
+        z = self.mixer(x, mask=mask)
+        a = self.dropout(act(z), rngs=rngs)
+        if self.glu == "none":
+            y = self.out(a)
+        elif self.glu == "full":
+            value, gate = jnp.split(self.out(a), 2, axis=-1)
+            y = value * jax.nn.sigmoid(gate)
+        elif self.glu == "half1":
+            y = a * jax.nn.sigmoid(self.out(a))
+        else:
+            y = z * jax.nn.sigmoid(self.out(a))
+        return self.dropout(y, rngs=rngs)
+
+    def _mlp(self, x, rngs):
+        act = _ACTIVATION_FNS[self.activation]
+        h = self.dropout(act(self.mlp_in(x)), rngs=rngs)
+        return self.dropout(self.mlp_out(h), rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, *, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """Apply the block to ``x (B, L, H)`` with optional ``mask (B, L)`` (True = valid).
+
+        ``rngs`` supplies dropout keys in training mode (needed only when dropout > 0).
+        """
+        check_ndim("x", x, 3, "(batch, length, d_model)")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have {self.d_model} features; got shape {x.shape}")
+        if self.prenorm:
+            x = x + self._mix(self.norm(x, mask), mask, rngs)
+        else:
+            x = self.norm(x + self._mix(x, mask, rngs), mask)
+        if self.mlp_in is not None:
+            if self.prenorm:
+                x = x + self._mlp(self.mlp_norm(x, mask), rngs)
+            else:
+                x = self.mlp_norm(x + self._mlp(x, rngs), mask)
+        return x
+
+
+def sinusoidal_positions(length: int, d_model: int) -> jax.Array:
+    """Fixed sinusoidal position encodings ``(length, d_model)`` (Transformer): features
+    ``2i`` and ``2i + 1`` are ``sin`` and ``cos`` of ``t / 10000^(2i / d_model)``."""
+    t = jnp.arange(length, dtype=jnp.float32)[:, None]
+    freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)
+    angles = t * freqs[None, :]
+    pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, -1)
+    return pe[:, :d_model]
+
+
+def pool(x: jax.Array, mask: jax.Array | None, kind: str) -> jax.Array:
+    """Pool ``x (B, L, H)`` over the length axis to ``(B, H)``.
+
+    ``"mean"`` averages every position (padding included; for fixed-length inputs);
+    ``"masked_mean"`` averages the valid positions of ``mask (B, L)``; ``"last"`` takes the
+    last valid position (right padding). Without a mask the latter two are the plain mean and
+    position ``L - 1``.
+    """
+    check_choice("pooling", kind, POOLINGS)
+    if kind == "mean" or (kind == "masked_mean" and mask is None):
+        return jnp.mean(x, axis=1)
+    if kind == "masked_mean":
+        weights = mask.astype(x.dtype)[..., None]
+        count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        return jnp.sum(x * weights, axis=1) / count
+    if mask is None:
+        return x[:, -1]
+    last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+
+
+class SequenceModel(nnx.Module):
+    """Encoder, a stack of residual blocks, pooling and a classification head.
+
+    Input ``x`` is either integer tokens ``(B, L)`` (when ``vocab_size`` is given: a learned
+    embedding) or features ``(B, L, d_input)`` (a linear encoder). The output is logits
+    ``(B, n_classes)``, or the pooled features ``(B, d_model)`` when ``n_classes`` is None.
+    Every block uses a fresh mixer ``mixer_factory(d_model, rngs=rngs)``. With pre-norm a
+    final norm is applied before pooling.
+
+    Args:
+      mixer_factory: ``factory(d_model, rngs=rngs) -> mixer`` (see module docstring).
+      n_layers: number of residual blocks.
+      d_model: H, the width of the residual stream.
+      n_classes: number of output classes, or None for pooled features.
+      vocab_size: number of token ids (token input); exactly one of this and ``d_input``.
+      d_input: number of input features per position (continuous input).
+      pooling: ``"mean"``, ``"masked_mean"`` or ``"last"`` (see :func:`pool`).
+      positional: ``"none"`` or ``"sinusoidal"`` (added after the encoder; attention needs
+        it, SSMs do not).
+      norm, prenorm, activation, glu, dropout, mlp_ratio: as in :class:`ResidualBlock`.
+      rngs: parameter initialisation keys.
+    """
+
+    def __init__(
+        self,
+        mixer_factory: MixerFactory,
+        *,
+        n_layers: int,
+        d_model: int,
+        n_classes: int | None,
+        vocab_size: int | None = None,
+        d_input: int | None = None,
+        pooling: str = "masked_mean",
+        positional: str = "none",
+        norm: str = "layer",
+        prenorm: bool = True,
+        activation: str = "gelu",
+        glu: str = "full",
+        dropout: float = 0.0,
+        mlp_ratio: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        check_positive_int("n_layers", n_layers)
+        check_positive_int("d_model", d_model)
+        check_choice("pooling", pooling, POOLINGS)
+        self.positional = check_choice("positional", positional, POSITIONALS)
+        if (vocab_size is None) == (d_input is None):
+            raise ValueError(
+                "give exactly one of vocab_size (token input (B, L)) and d_input "
+                f"(feature input (B, L, d_input)); got vocab_size={vocab_size!r}, "
+                f"d_input={d_input!r}"
+            )
+        if n_classes is not None:
+            check_positive_int("n_classes", n_classes)
+        self.vocab_size = vocab_size
+        self.d_input = d_input
+        self.pooling = pooling
+        self.prenorm = prenorm
+        if vocab_size is not None:
+            check_positive_int("vocab_size", vocab_size)
+            self.encoder = nnx.Embed(vocab_size, d_model, rngs=rngs)
+        else:
+            check_positive_int("d_input", d_input)
+            self.encoder = nnx.Linear(d_input, d_model, rngs=rngs)
+        self.blocks = nnx.List(
+            [
+                ResidualBlock(
+                    mixer_factory(d_model, rngs=rngs),
+                    d_model,
+                    norm=norm,
+                    prenorm=prenorm,
+                    activation=activation,
+                    glu=glu,
+                    dropout=dropout,
+                    mlp_ratio=mlp_ratio,
+                    rngs=rngs,
+                )
+                for _ in range(n_layers)
+            ]
+        )
+        self.final_norm = Norm(d_model, norm, rngs=rngs) if prenorm else None
+        self.head = nnx.Linear(d_model, n_classes, rngs=rngs) if n_classes is not None else None
+
+    def encode(
+        self, x: jax.Array, mask: jax.Array | None = None, *, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """Run encoder and blocks: ``x (B, L)`` or ``(B, L, d_input)`` -> ``(B, L, d_model)``."""
+        if self.vocab_size is not None:
+            check_ndim("x", x, 2, "(batch, length) integer tokens")
+            if not jnp.issubdtype(x.dtype, jnp.integer):
+                raise TypeError(f"token input x must be an integer array; got {x.dtype}")
+        else:
+            check_ndim("x", x, 3, f"(batch, length, {self.d_input})")
+            if x.shape[-1] != self.d_input:
+                raise ValueError(f"x must have {self.d_input} input features; got {x.shape}")
+        if mask is not None and mask.shape != x.shape[:2]:
+            raise ValueError(
+                f"mask must have shape {x.shape[:2]} (batch, length); got {mask.shape}"
+            )
+        h = self.encoder(x)
+        if self.positional == "sinusoidal":
+            h = h + sinusoidal_positions(h.shape[1], h.shape[2]).astype(h.dtype)
+        for block in self.blocks:
+            h = block(h, mask, rngs=rngs)
+        if self.final_norm is not None:
+            h = self.final_norm(h, mask)
+        return h
+
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, *, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """Classify ``x``: logits ``(B, n_classes)`` (or pooled features ``(B, d_model)``).
+
+        ``mask (B, L)`` marks valid positions (right padding); ``rngs`` gives dropout keys.
+        """
+        h = pool(self.encode(x, mask, rngs=rngs), mask, self.pooling)
+        return self.head(h) if self.head is not None else h
+
+
+class RetrievalModel(nnx.Module):
+    """Siamese document matching: ``(x1, x2) -> logits (B, n_classes)``.
+
+    One shared :class:`SequenceModel` encoder (no head) maps each input to pooled features
+    u, v ``(B, d_model)``; both inputs run as one batch of 2B (BatchNorm statistics cover
+    both). ``[u, v, u - v, u * v]`` ``(B, 4·d_model)`` goes through an MLP: linear to
+    ``mlp_dim``, activation, linear to ``n_classes``. Remaining keyword arguments (n_layers,
+    d_model, vocab_size or d_input, pooling, norm, ...) configure the encoder.
+    """
+
+    def __init__(
+        self,
+        mixer_factory: MixerFactory,
+        *,
+        n_classes: int,
+        d_model: int,
+        mlp_dim: int | None = None,
+        rngs: nnx.Rngs,
+        **encoder_kwargs,
+    ):
+        check_positive_int("n_classes", n_classes)
+        mlp_dim = d_model if mlp_dim is None else check_positive_int("mlp_dim", mlp_dim)
+        self.activation = check_choice(
+            "activation", encoder_kwargs.get("activation", "gelu"), ACTIVATIONS
+        )
+        self.encoder = SequenceModel(
+            mixer_factory, d_model=d_model, n_classes=None, rngs=rngs, **encoder_kwargs
+        )
+        self.mlp_in = nnx.Linear(4 * d_model, mlp_dim, rngs=rngs)
+        self.mlp_out = nnx.Linear(mlp_dim, n_classes, rngs=rngs)
+
+    def __call__(
+        self,
+        x1: jax.Array,
+        x2: jax.Array,
+        mask1: jax.Array | None = None,
+        mask2: jax.Array | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Classify the pair ``x1, x2`` (each ``(B, L)`` tokens or ``(B, L, d_input)``).
+
+        The two inputs must share their shape (pad the shorter); ``mask1``, ``mask2`` are
+        ``(B, L)`` (both or neither). Returns logits ``(B, n_classes)``.
+        """
+        if x1.shape != x2.shape:
+            raise ValueError(
+                f"x1 and x2 must have the same shape (pad the shorter); got {x1.shape}, {x2.shape}"
+            )
+        if (mask1 is None) != (mask2 is None):
+            raise ValueError("give both mask1 and mask2 or neither")
+        mask = None if mask1 is None else jnp.concatenate([mask1, mask2], axis=0)
+        feats = self.encoder(jnp.concatenate([x1, x2], axis=0), mask, rngs=rngs)
+        u, v = jnp.split(feats, 2, axis=0)
+        h = jnp.concatenate([u, v, u - v, u * v], axis=-1)
+        return self.mlp_out(_ACTIVATION_FNS[self.activation](self.mlp_in(h)))

@@ -1,0 +1,204 @@
+"""Residual blocks and model stacks (ssmix.blocks) with a small causal test mixer."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssmix.blocks import (
+    GLUS,
+    NORMS,
+    Norm,
+    ResidualBlock,
+    RetrievalModel,
+    SequenceModel,
+    pool,
+    sinusoidal_positions,
+)
+from ssmix.layers.base import SSMParam
+from ssmix.testing import assert_close
+
+
+class CausalMeanMixer(nnx.Module):
+    """Causal running mean over valid positions, projected: padding never reaches the
+    valid outputs (right padding, causal), as the mixer convention requires."""
+
+    def __init__(self, d_model, *, rngs):
+        self.log_scale = SSMParam(jnp.zeros(d_model))
+        self.proj = nnx.Linear(d_model, d_model, rngs=rngs)
+
+    def __call__(self, x, mask=None):
+        m = jnp.ones(x.shape[:2] + (1,), x.dtype) if mask is None else mask[..., None]
+        csum = jnp.cumsum(x * m, axis=1) / jnp.maximum(jnp.cumsum(m, axis=1), 1.0)
+        return self.proj(csum) * jnp.exp(self.log_scale[...])
+
+
+def _inputs(key, b=3, length=11, h=8):
+    x = jax.random.normal(key, (b, length, h))
+    lengths = jnp.array([length, 7, 1])[:b]
+    mask = jnp.arange(length)[None, :] < lengths[:, None]
+    return x, mask
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("glu", GLUS)
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_block_padding_does_not_leak(norm, glu, prenorm):
+    """Valid outputs (and BatchNorm's statistics) ignore whatever sits in padded positions."""
+    x, mask = _inputs(jax.random.key(0))
+    block = ResidualBlock(
+        CausalMeanMixer(8, rngs=nnx.Rngs(1)), 8, norm=norm, glu=glu, prenorm=prenorm,
+        mlp_ratio=2.0 if glu == "none" else 0.0, rngs=nnx.Rngs(2),
+    )  # fmt: skip
+    garbage = jnp.where(mask[..., None], x, 100.0 * jax.random.normal(jax.random.key(3), x.shape))
+    y1 = block(x, mask)
+    y2 = block(garbage, mask)
+    assert y1.shape == x.shape
+    assert_close(jnp.where(mask[..., None], y1, 0), jnp.where(mask[..., None], y2, 0), atol=1e-5)
+
+
+def test_batchnorm_statistics_ignore_padding():
+    """Masked BatchNorm equals BatchNorm of the valid positions alone (and so do the running
+    statistics it leaves behind)."""
+    x, mask = _inputs(jax.random.key(1))
+    masked = Norm(8, "batch", rngs=nnx.Rngs(0))
+    plain = Norm(8, "batch", rngs=nnx.Rngs(0))
+    y = masked(x, mask)
+    valid = x[mask]  # (n_valid, H)
+    y_ref = plain(valid[None])[0]
+    assert_close(y_ref, y[mask], atol=1e-5)
+    assert_close(plain.norm.mean[...], masked.norm.mean[...], atol=1e-6)
+    assert_close(plain.norm.var[...], masked.norm.var[...], atol=1e-6)
+
+
+def test_block_forms_match_formulas():
+    """Pre-norm ``x + f(norm x)``, post-norm ``norm(x + f(x))`` with each GLU variant."""
+    x, _ = _inputs(jax.random.key(2))
+    for glu in GLUS:
+        for prenorm in (True, False):
+            block = ResidualBlock(
+                CausalMeanMixer(8, rngs=nnx.Rngs(1)), 8, norm="layer", glu=glu,
+                prenorm=prenorm, activation="gelu", rngs=nnx.Rngs(2),
+            )  # fmt: skip
+            inner = block.norm(x) if prenorm else x
+            z = block.mixer(inner)
+            a = jax.nn.gelu(z)
+            out = block.out(a)
+            if glu == "none":
+                f = out
+            elif glu == "full":
+                f = out[..., :8] * jax.nn.sigmoid(out[..., 8:])
+            elif glu == "half1":
+                f = a * jax.nn.sigmoid(out)
+            else:
+                f = z * jax.nn.sigmoid(out)
+            expected = x + f if prenorm else block.norm(x + f)
+            assert_close(expected, block(x), atol=1e-5, name=f"{glu} prenorm={prenorm}")
+
+
+def test_dropout_is_tied_across_length_and_off_in_eval():
+    block = ResidualBlock(
+        CausalMeanMixer(16, rngs=nnx.Rngs(1)), 16, norm="layer", glu="none", dropout=0.5,
+        activation="identity", rngs=nnx.Rngs(2),
+    )  # fmt: skip
+    x = jax.random.normal(jax.random.key(0), (4, 9, 16))
+    mask = block.dropout(jnp.ones_like(x), rngs=nnx.Rngs(dropout=0))
+    zeros = mask == 0
+    # Each (example, feature) is dropped at every position or at none.
+    assert bool(jnp.all(zeros == zeros[:, :1, :]))
+    assert 0 < int(zeros[:, 0].sum()) < zeros[:, 0].size
+    y_train = block(x, rngs=nnx.Rngs(dropout=0))
+    block.eval()
+    y_eval1, y_eval2 = block(x), block(x)
+    assert_close(y_eval1, y_eval2, atol=0)
+    assert not np.allclose(np.asarray(y_train), np.asarray(y_eval1))
+
+
+def test_pool():
+    x = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
+    mask = jnp.array([[True, True, False, False], [True, True, True, True]])
+    assert_close(x.mean(1), pool(x, mask, "mean"), atol=0)
+    assert_close(jnp.stack([x[0, :2].mean(0), x[1].mean(0)]), pool(x, mask, "masked_mean"))
+    assert_close(jnp.stack([x[0, 1], x[1, 3]]), pool(x, mask, "last"), atol=0)
+    assert_close(x[:, -1], pool(x, None, "last"), atol=0)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        pool(x, mask, "max")
+
+
+def test_sinusoidal_positions():
+    pe = sinusoidal_positions(5, 7)
+    assert pe.shape == (5, 7)
+    assert_close(jnp.sin(jnp.arange(5.0)), pe[:, 0])
+    assert_close(jnp.cos(jnp.arange(5.0) / 10000 ** (2 / 7)), pe[:, 3])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "masked_mean", "last"])
+def test_sequence_model_tokens_and_padding(pooling):
+    factory = CausalMeanMixer
+    model = SequenceModel(
+        factory, n_layers=2, d_model=8, n_classes=5, vocab_size=11, pooling=pooling,
+        norm="batch", prenorm=True, positional="sinusoidal", rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    tokens = jax.random.randint(jax.random.key(0), (3, 10), 1, 11)
+    mask = jnp.arange(10)[None] < jnp.array([10, 6, 3])[:, None]
+    logits = model(tokens, mask)
+    assert logits.shape == (3, 5)
+    if pooling != "mean":
+        other = jnp.where(mask, tokens, 7)
+        assert_close(logits, model(other, mask), atol=1e-5)
+    # Each example alone (no padding) gives the same logits in eval mode.
+    model.eval()
+    full = model(tokens, mask)
+    if pooling != "mean":
+        for i, n in enumerate([10, 6, 3]):
+            alone = model(tokens[i : i + 1, :n])
+            assert_close(full[i : i + 1], alone, atol=1e-5)
+
+
+def test_sequence_model_features_and_errors():
+    model = SequenceModel(
+        CausalMeanMixer, n_layers=1, d_model=8, n_classes=None, d_input=3, norm="rms",
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    x = jnp.ones((2, 5, 3))
+    assert model(x).shape == (2, 8)
+    with pytest.raises(ValueError, match="exactly one of vocab_size"):
+        SequenceModel(CausalMeanMixer, n_layers=1, d_model=8, n_classes=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, length, 3\)"):
+        model(jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="3 input features"):
+        model(jnp.ones((2, 5, 4)))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        model(x, jnp.ones((2, 4), bool))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        ResidualBlock(CausalMeanMixer(8, rngs=nnx.Rngs(0)), 8, norm="group", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="dropout must be in"):
+        ResidualBlock(CausalMeanMixer(8, rngs=nnx.Rngs(0)), 8, dropout=1.0, rngs=nnx.Rngs(0))
+    tok_model = SequenceModel(
+        CausalMeanMixer, n_layers=1, d_model=8, n_classes=2, vocab_size=4, rngs=nnx.Rngs(0)
+    )
+    with pytest.raises(TypeError, match="integer array"):
+        tok_model(jnp.ones((2, 5)))
+
+
+def test_retrieval_model_features():
+    """Logits equal the MLP of [u, v, u - v, u * v] with u, v the shared encoder's features."""
+    model = RetrievalModel(
+        functools.partial(CausalMeanMixer), n_classes=2, d_model=8, n_layers=1,
+        vocab_size=9, norm="layer", mlp_dim=16, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    x1 = jax.random.randint(jax.random.key(1), (2, 6), 1, 9)
+    x2 = jax.random.randint(jax.random.key(2), (2, 6), 1, 9)
+    m1 = jnp.arange(6)[None] < jnp.array([6, 4])[:, None]
+    m2 = jnp.arange(6)[None] < jnp.array([3, 6])[:, None]
+    logits = model(x1, x2, m1, m2)
+    u, v = model.encoder(x1, m1), model.encoder(x2, m2)
+    h = jnp.concatenate([u, v, u - v, u * v], -1)
+    assert_close(model.mlp_out(jax.nn.gelu(model.mlp_in(h))), logits, atol=1e-5)
+    with pytest.raises(ValueError, match="same shape"):
+        model(x1, x2[:, :5])
+    with pytest.raises(ValueError, match="both mask1 and mask2"):
+        model(x1, x2, m1)
