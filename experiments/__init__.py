@@ -1,0 +1,1 @@
+"""Experiments built on the public ssmix API (not installed with the library)."""

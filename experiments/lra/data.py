@@ -1,0 +1,528 @@
+"""LRA data: loaders for the six tasks in their published layouts, and host-side batching.
+
+Default locations (``DATA_ROOT = data/`` under the repository, git-ignored) hold the
+folders of the public releases, unpacked or symlinked:
+
+============  =================================  ============================================
+task          folder under the data root         layout
+============  =================================  ============================================
+listops       ``listops-1000/``                  ``basic_{train,val,test}.tsv``, header
+                                                 ``Source<TAB>Target``
+text          ``aclImdb/``                       ``{train,test}/{pos,neg}/*.txt``
+retrieval     ``tsv_data/``                      ``new_aan_pairs.{train,eval,test}.tsv``, no
+                                                 header: label, id1, id2, text1, text2
+image         ``cifar-10-batches-py/``           ``data_batch_{1..5}``, ``test_batch`` (pickle)
+pathfinder    ``pathfinder32/``                  ``curv_contour_length_14/{imgs/<b>/*.png,
+                                                 metadata/<b>.npy}``
+pathx         ``pathfinder128/``                 as pathfinder, 128×128
+============  =================================  ============================================
+
+Tokenisation (per task): ListOps drops parentheses and maps the 15 symbols to ids 2-16;
+Text and Retrieval use UTF-8 bytes (id = byte + 2); all three append an end token (id 1)
+after truncating to ``max_len - 1``; id 0 is padding. Image (grayscale CIFAR-10,
+``round(0.299 R + 0.587 G + 0.114 B)``) and Pathfinder feed pixel values, normalised to
+``(v / 255 - 0.5) / 0.5``, through a linear encoder (one feature per position).
+
+Splits: ListOps and Retrieval ship train / val / test; IMDB's test split doubles as
+validation (as in LRA); CIFAR-10 keeps a seeded 5,000-image validation split out of the 50,000
+training images; Pathfinder is split 80 / 10 / 10 by a seeded permutation.
+
+Loaders read everything before returning: a malformed file raises ``ValueError`` naming the
+file and line (nothing half-loaded is returned); a missing folder raises
+``FileNotFoundError`` naming the expected path and layout.
+
+Batching: sequences are stored ragged (concatenated tokens + offsets); a batch is padded to
+the longest sequence rounded up to ``pad_multiple`` (at most ``max_len``), with a boolean
+mask (True = valid). The training order is a pure function of ``(seed, epoch)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import pickle
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATA_ROOT = REPO_ROOT / "data"
+
+PAD, EOS = 0, 1
+LISTOPS_SYMBOLS = tuple(str(d) for d in range(10)) + ("[MIN", "[MAX", "[MED", "[SM", "]")
+LISTOPS_VOCAB = {s: i + 2 for i, s in enumerate(LISTOPS_SYMBOLS)}
+BYTE_OFFSET = 2
+BYTE_VOCAB_SIZE = 256 + BYTE_OFFSET
+
+TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+
+LAYOUTS = {
+    "listops": (
+        "listops-1000",
+        "basic_train.tsv, basic_val.tsv, basic_test.tsv (tab-separated, header Source\\tTarget)",
+    ),
+    "text": ("aclImdb", "train/pos/*.txt, train/neg/*.txt, test/pos/*.txt, test/neg/*.txt"),
+    "retrieval": (
+        "tsv_data",
+        "new_aan_pairs.train.tsv, new_aan_pairs.eval.tsv, new_aan_pairs.test.tsv "
+        "(no header; columns label, id1, id2, text1, text2)",
+    ),
+    "image": ("cifar-10-batches-py", "data_batch_1 ... data_batch_5, test_batch (python pickle)"),
+    "pathfinder": (
+        "pathfinder32",
+        "curv_contour_length_14/metadata/<b>.npy (text: subpath filename index label ...) "
+        "and curv_contour_length_14/imgs/<b>/sample_<i>.png",
+    ),
+    "pathx": (
+        "pathfinder128",
+        "curv_contour_length_14/metadata/<b>.npy and curv_contour_length_14/imgs/<b>/*.png",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """Variable-length sequences: sequence i is ``values[offsets[i]:offsets[i + 1]]``.
+
+    ``values (total,)`` integer array, ``offsets (N + 1,)`` int64 non-decreasing from 0.
+    """
+
+    values: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def from_lists(cls, seqs: Sequence[Sequence[int] | np.ndarray], dtype=np.uint16) -> Ragged:
+        """Pack a list of integer sequences."""
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        values = np.zeros(int(offsets[-1]), dtype=dtype)
+        for seq, start, stop in zip(seqs, offsets[:-1], offsets[1:], strict=True):
+            values[start:stop] = seq
+        return cls(values, offsets)
+
+    @classmethod
+    def from_fixed(cls, array: np.ndarray) -> Ragged:
+        """Pack equal-length sequences ``(N, L)``."""
+        n, length = array.shape
+        return cls(array.reshape(-1), np.arange(n + 1, dtype=np.int64) * length)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """``(N,)`` sequence lengths."""
+        return np.diff(self.offsets)
+
+    def pad(self, indices: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sequences ``indices`` right-padded (or truncated) to ``length``: ``(B, length)``
+        values (padding 0) and the ``(B, length)`` boolean mask."""
+        out = np.zeros((len(indices), length), dtype=self.values.dtype)
+        mask = np.zeros((len(indices), length), dtype=bool)
+        for row, i in enumerate(indices):
+            seq = self.values[self.offsets[i] : self.offsets[i + 1]][:length]
+            out[row, : len(seq)] = seq
+            mask[row, : len(seq)] = True
+        return out, mask
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: ``inputs`` (and ``inputs2`` for retrieval pairs) and ``labels (N,)``."""
+
+    inputs: Ragged
+    labels: np.ndarray
+    inputs2: Ragged | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A loaded task: three splits and what a model needs to know about the input.
+
+    ``kind`` is ``"tokens"`` (ids in ``[0, vocab_size)``, id 0 = padding) or ``"pixels"``
+    (uint8 values, one feature per position); ``paired`` marks two-input retrieval.
+    """
+
+    task: str
+    train: Split
+    val: Split
+    test: Split
+    n_classes: int
+    kind: str
+    max_len: int
+    vocab_size: int | None = None
+    paired: bool = False
+
+    def split(self, name: str) -> Split:
+        """The split called ``name`` (``train``, ``val`` or ``test``)."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test'; got {name!r}")
+        return getattr(self, name)
+
+
+def default_path(task: str, data_root: str | Path | None = None) -> Path:
+    """Where ``task``'s release folder is expected: ``<data_root>/<folder>``."""
+    if task not in LAYOUTS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    return Path(data_root if data_root is not None else DATA_ROOT) / LAYOUTS[task][0]
+
+
+def _missing(task: str, path: Path, what: Path) -> FileNotFoundError:
+    folder, layout = LAYOUTS[task]
+    return FileNotFoundError(
+        f"{task} data not found: {what} does not exist. Expected the release folder "
+        f"'{folder}' at {path} containing {layout}."
+    )
+
+
+def _require_file(task: str, root: Path, name: str) -> Path:
+    path = root / name
+    if not path.is_file():
+        raise _missing(task, root, path)
+    return path
+
+
+def _bytes_tokens(text: str, max_len: int) -> np.ndarray:
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)[: max_len - 1]
+    return np.concatenate([data.astype(np.uint16) + BYTE_OFFSET, [EOS]]).astype(np.uint16)
+
+
+# ---------------------------------------------------------------------------- ListOps
+
+
+def tokenize_listops(source: str, max_len: int = 2048, where: str = "") -> np.ndarray:
+    """ListOps source string -> ids ``(n,)``: parentheses dropped, end token appended."""
+    ids = []
+    for tok in source.split():
+        if tok in ("(", ")"):
+            continue
+        if tok not in LISTOPS_VOCAB:
+            raise ValueError(f"{where}unknown ListOps token {tok!r}")
+        ids.append(LISTOPS_VOCAB[tok])
+    return np.array(ids[: max_len - 1] + [EOS], dtype=np.uint16)
+
+
+def read_listops_tsv(path: Path, max_len: int = 2048) -> Split:
+    """Read one ``basic_<split>.tsv`` (header ``Source<TAB>Target``, targets 0-9)."""
+    seqs, labels = [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if header != ["Source", "Target"]:
+            raise ValueError(f"{path}: expected the header 'Source\\tTarget'; got {header!r}")
+        for row in reader:
+            where = f"{path}:{reader.line_num}: "
+            if len(row) != 2:
+                raise ValueError(f"{where}expected 2 tab-separated fields; got {len(row)}")
+            try:
+                label = int(row[1])
+            except ValueError:
+                raise ValueError(f"{where}target {row[1]!r} is not an integer") from None
+            if not 0 <= label <= 9:
+                raise ValueError(f"{where}target {label} is outside 0-9")
+            seqs.append(tokenize_listops(row[0], max_len, where))
+            labels.append(label)
+    if not labels:
+        raise ValueError(f"{path}: no samples")
+    return Split(Ragged.from_lists(seqs), np.array(labels, dtype=np.int32))
+
+
+def load_listops(path: str | Path | None = None, *, max_len: int = 2048) -> TaskData:
+    """ListOps from ``path`` (default ``data/listops-1000``); 10 classes, 17 token ids."""
+    root = Path(path) if path is not None else default_path("listops")
+    files = {s: _require_file("listops", root, f"basic_{s}.tsv") for s in ("train", "val", "test")}
+    splits = {s: read_listops_tsv(p, max_len) for s, p in files.items()}
+    return TaskData(
+        "listops", **splits, n_classes=10, kind="tokens", max_len=max_len,
+        vocab_size=len(LISTOPS_VOCAB) + 2,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- Text
+
+
+def _read_imdb_split(root: Path, split: str, max_len: int) -> Split:
+    seqs, labels = [], []
+    for label, name in ((0, "neg"), (1, "pos")):
+        folder = root / split / name
+        if not folder.is_dir():
+            raise _missing("text", root, folder)
+        files = sorted(folder.glob("*.txt"))
+        if not files:
+            raise ValueError(f"{folder}: no *.txt reviews")
+        for file in files:
+            try:
+                text = file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{file}: not valid UTF-8 ({e})") from None
+            seqs.append(_bytes_tokens(text, max_len))
+            labels.append(label)
+    return Split(Ragged.from_lists(seqs), np.array(labels, dtype=np.int32))
+
+
+def load_text(path: str | Path | None = None, *, max_len: int = 4096) -> TaskData:
+    """IMDB reviews as bytes from ``aclImdb/{train,test}/{pos,neg}/*.txt``; test = val."""
+    root = Path(path) if path is not None else default_path("text")
+    if not root.is_dir():
+        raise _missing("text", root, root)
+    train = _read_imdb_split(root, "train", max_len)
+    test = _read_imdb_split(root, "test", max_len)
+    return TaskData(
+        "text", train, test, test, n_classes=2, kind="tokens", max_len=max_len,
+        vocab_size=BYTE_VOCAB_SIZE,
+    )  # fmt: skip
+
+
+# -------------------------------------------------------------------------- Retrieval
+
+
+def read_aan_tsv(path: Path, max_len: int = 4000) -> Split:
+    """Read one ``new_aan_pairs.<split>.tsv``: label (0/1, possibly ``1.0``), id1, id2,
+    text1, text2; tab-separated, no header, quotes are literal characters."""
+    seqs1, seqs2, labels = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for line_num, line in enumerate(f, start=1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line:
+                continue
+            where = f"{path}:{line_num}: "
+            fields = line.split("\t")
+            if len(fields) != 5:
+                raise ValueError(
+                    f"{where}expected 5 tab-separated fields (label, id1, id2, text1, text2); "
+                    f"got {len(fields)}"
+                )
+            try:
+                value = float(fields[0])
+            except ValueError:
+                raise ValueError(f"{where}label {fields[0]!r} is not a number") from None
+            if value not in (0.0, 1.0):
+                raise ValueError(f"{where}label {fields[0]!r} is not 0 or 1")
+            labels.append(int(value))
+            seqs1.append(_bytes_tokens(fields[3], max_len))
+            seqs2.append(_bytes_tokens(fields[4], max_len))
+    if not labels:
+        raise ValueError(f"{path}: no samples")
+    return Split(
+        Ragged.from_lists(seqs1), np.array(labels, dtype=np.int32), Ragged.from_lists(seqs2)
+    )
+
+
+def load_retrieval(path: str | Path | None = None, *, max_len: int = 4000) -> TaskData:
+    """AAN document pairs from ``tsv_data/new_aan_pairs.{train,eval,test}.tsv``; bytes."""
+    root = Path(path) if path is not None else default_path("retrieval")
+    files = {
+        s: _require_file("retrieval", root, f"new_aan_pairs.{f}.tsv")
+        for s, f in (("train", "train"), ("val", "eval"), ("test", "test"))
+    }
+    splits = {s: read_aan_tsv(p, max_len) for s, p in files.items()}
+    return TaskData(
+        "retrieval", **splits, n_classes=2, kind="tokens", max_len=max_len,
+        vocab_size=BYTE_VOCAB_SIZE, paired=True,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ Image
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ValueError(f"{path}: not a CIFAR-10 python pickle batch ({e})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"{path}: expected a dict with keys b'data' and b'labels'")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[b"labels"], dtype=np.int32)
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        raise ValueError(f"{path}: b'data' must be uint8 (N, 3072); got {data.dtype} {data.shape}")
+    if labels.shape != (data.shape[0],) or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{path}: b'labels' must be N={data.shape[0]} integers in 0-9")
+    rgb = data.reshape(-1, 3, 1024).astype(np.float32)
+    gray = np.round(0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])
+    return gray.astype(np.uint8), labels
+
+
+def load_image(path: str | Path | None = None, *, val_size: int = 5000, seed: int = 42) -> TaskData:
+    """Grayscale CIFAR-10 (L = 1024 pixels) from the python pickle batches."""
+    root = Path(path) if path is not None else default_path("image")
+    files = [_require_file("image", root, f"data_batch_{i}") for i in range(1, 6)]
+    test_file = _require_file("image", root, "test_batch")
+    parts = [_read_cifar_batch(f) for f in files]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    x_test, y_test = _read_cifar_batch(test_file)
+    if not 0 < val_size < len(y):
+        raise ValueError(f"val_size must be in (0, {len(y)}); got {val_size}")
+    perm = np.random.default_rng(seed).permutation(len(y))
+    val, train = perm[:val_size], np.sort(perm[val_size:])
+    return TaskData(
+        "image",
+        Split(Ragged.from_fixed(x[train]), y[train]),
+        Split(Ragged.from_fixed(x[np.sort(val)]), y[np.sort(val)]),
+        Split(Ragged.from_fixed(x_test), y_test),
+        n_classes=10,
+        kind="pixels",
+        max_len=1024,
+    )
+
+
+# ------------------------------------------------------------------------- Pathfinder
+
+PATHFINDER_DIFFICULTY = "curv_contour_length_14"
+
+
+def read_pathfinder_metadata(path: Path) -> list[tuple[str, str, int]]:
+    """One metadata file (text despite ``.npy``): rows ``subpath filename ... label ...``
+    with the label (0/1) at field 3. Returns ``[(subpath, filename, label)]``."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_num, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            where = f"{path}:{line_num}: "
+            if len(fields) < 4:
+                raise ValueError(f"{where}expected at least 4 fields, label at field 3")
+            if fields[3] not in ("0", "1"):
+                raise ValueError(f"{where}label (field 3) must be 0 or 1; got {fields[3]!r}")
+            rows.append((fields[0], fields[1], int(fields[3])))
+    return rows
+
+
+def _read_png(path: Path, resolution: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("L"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: unreadable image ({e})") from None
+    if pixels.shape != (resolution, resolution):
+        raise ValueError(f"{path}: expected {resolution}x{resolution}; got {pixels.shape}")
+    return pixels.reshape(-1)
+
+
+def load_pathfinder(
+    path: str | Path | None = None,
+    *,
+    resolution: int = 32,
+    difficulty: str = PATHFINDER_DIFFICULTY,
+    seed: int = 42,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    task: str | None = None,
+) -> TaskData:
+    """Pathfinder (``resolution`` 32) or Path-X (128) images with their metadata labels."""
+    task = task or ("pathfinder" if resolution == 32 else "pathx")
+    root = Path(path) if path is not None else default_path(task)
+    meta_dir = root / difficulty / "metadata"
+    if not meta_dir.is_dir():
+        raise _missing(task, root, meta_dir)
+    meta_files = [p for p in meta_dir.glob("*.npy") if re.fullmatch(r"\d+", p.stem)]
+    if not meta_files:
+        raise _missing(task, root, meta_dir / "<b>.npy")
+    images, labels = [], []
+    for meta in sorted(meta_files, key=lambda p: int(p.stem)):
+        for subpath, filename, label in read_pathfinder_metadata(meta):
+            image = root / difficulty / subpath / filename
+            if not image.is_file():
+                raise ValueError(f"{meta}: image {image} listed in the metadata does not exist")
+            images.append(_read_png(image, resolution))
+            labels.append(label)
+    x = np.stack(images)
+    y = np.array(labels, dtype=np.int32)
+    n = len(y)
+    n_val, n_test = int(val_fraction * n), int(test_fraction * n)
+    if n - n_val - n_test <= 0:
+        raise ValueError(f"{root}: {n} samples are too few for the train/val/test split")
+    perm = np.random.default_rng(seed).permutation(n)
+    parts = np.split(perm, [n - n_val - n_test, n - n_test])
+    train, val, test = (Split(Ragged.from_fixed(x[np.sort(p)]), y[np.sort(p)]) for p in parts)
+    return TaskData(
+        task, train, val, test, n_classes=2, kind="pixels", max_len=resolution * resolution
+    )
+
+
+def load_task(task: str, path: str | Path | None = None, **kwargs) -> TaskData:
+    """Load ``task`` (one of :data:`TASKS`) from ``path`` (default: its folder under
+    ``data/``); keyword arguments go to the task's loader (e.g. ``max_len``)."""
+    loaders = {
+        "listops": load_listops,
+        "text": load_text,
+        "retrieval": load_retrieval,
+        "image": load_image,
+        "pathfinder": lambda p, **kw: load_pathfinder(p, resolution=32, task="pathfinder", **kw),
+        "pathx": lambda p, **kw: load_pathfinder(p, resolution=128, task="pathx", **kw),
+    }
+    if task not in loaders:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    return loaders[task](path, **kwargs)
+
+
+# --------------------------------------------------------------------------- Batching
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of epoch ``epoch``: a permutation of ``n`` that depends only on
+    ``(seed, epoch)``, so a resumed run replays exactly the same batches."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def padded_length(lengths: np.ndarray, pad_multiple: int, max_len: int) -> int:
+    """The batch length: the longest sequence rounded up to ``pad_multiple``, capped at
+    ``max_len`` (fewer distinct shapes means fewer compilations)."""
+    longest = int(lengths.max()) if len(lengths) else 1
+    return min(max_len, -(-longest // pad_multiple) * pad_multiple)
+
+
+def make_batch(
+    data: TaskData,
+    split: Split,
+    indices: np.ndarray,
+    *,
+    pad_multiple: int,
+    weights: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Assemble one host batch from ``split[indices]``.
+
+    Returns ``x`` (``(B, L)`` int32 tokens, or ``(B, L, 1)`` float32 normalised pixels),
+    ``mask (B, L)`` bool, ``y (B,)`` int32, ``weight (B,)`` float32 (0 marks filler rows of
+    a last partial evaluation batch) and, for retrieval, ``x2`` / ``mask2`` of the same shape.
+    """
+    seqs = [split.inputs] + ([split.inputs2] if data.paired else [])
+    lengths = np.concatenate([s.lengths[indices] for s in seqs])
+    length = padded_length(lengths, pad_multiple, data.max_len)
+    batch = {
+        "y": split.labels[indices].astype(np.int32),
+        "weight": (np.ones(len(indices)) if weights is None else weights).astype(np.float32),
+    }
+    for suffix, seq in zip(("", "2"), seqs, strict=False):
+        values, mask = seq.pad(indices, length)
+        if data.kind == "pixels":
+            x = ((values.astype(np.float32) / 255.0 - 0.5) / 0.5)[..., None]
+        else:
+            x = values.astype(np.int32)
+        batch["x" + suffix], batch["mask" + suffix] = x, mask
+    return batch
+
+
+def eval_batches(
+    data: TaskData, split: Split, batch_size: int, *, pad_multiple: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of ``split`` in order, in batches of exactly ``batch_size``; the last
+    batch is filled with repeats of example 0 at weight 0."""
+    n = len(split)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        weights = np.ones(batch_size, dtype=np.float32)
+        if len(idx) < batch_size:
+            weights[len(idx) :] = 0.0
+            idx = np.concatenate([idx, np.zeros(batch_size - len(idx), dtype=idx.dtype)])
+        yield make_batch(data, split, idx, pad_multiple=pad_multiple, weights=weights)
