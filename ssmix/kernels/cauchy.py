@@ -1,0 +1,345 @@
+"""DPLR state-space kernels (S4): Cauchy sums with a Woodbury correction, and step forms.
+
+The S4 system per feature is ``A = diag(Λ) − Σ_r P_r P_r*`` in the HiPPO eigenbasis, over the
+full state: the ``N/2`` stored half modes plus their conjugates (``Λ_full = [Λ, Λ̄]``,
+``P_full = [P, P̄]``, ``B_full = [B, B̄]``, ``C_full = [C, C̄]``), discretised by the bilinear
+rule (REFERENCE.md §3–§4). Its kernel ``K_ℓ = C_full Ā^ℓ B̄_full`` is real.
+
+Shapes: ``Lambda, B (H, N/2)`` complex; ``P (rank, H, N/2)`` complex (rank 1 may be passed as
+``(H, N/2)``); ``C (H, N/2)`` or ``(C, H, N/2)`` complex, the true output matrix; ``dt (H,)``.
+
+- :func:`dplr_ssm_kernel`: the kernel from its generating function at the roots of unity
+  ``ω_k = exp(−2πik/L)``. With ``C̃ = C(I − Ā^L)`` the length-``L`` truncation is exact:
+  ``Σ_{ℓ<L} K_ℓ ω^ℓ = C̃ (I − ωĀ)⁻¹ B̄ = 2·C̃ [(2/Δ)(1 − ω) I − (1 + ω) A]⁻¹ B``. Written this
+  way (the REFERENCE form multiplied through by ``1 + ω``) it has no pole at ``ω = −1``; the
+  diagonal part gives Cauchy sums ``Σ_n a_n b_n / ((2/Δ)(1 − ω) − (1 + ω) Λ_n)`` and the
+  rank-``r`` term a Woodbury correction. ``C̃`` is formed internally from the true ``C``, so
+  any length works: ``C Ā^L`` comes from the real dense ``Ā`` by repeated squaring.
+- Step forms, all the same system: the O(N) linear step of the S4 code
+  (:func:`dplr_step_setup` / :func:`dplr_step`, ``Ā = A₁A₀``, ``B̄ = 2A₁B``), the dense real
+  form :func:`dplr_dense` (state ``[Re x, Im x]``, used by the chunked convolution through
+  :func:`dplr_chunk_operators`), and the diagonal form :func:`dplr_diagonalize` (eigen-
+  decomposition of ``Ā``; ill-conditioned for HiPPO matrices, provided for exploration).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssmix._checks import check_ndim, check_positive_int
+from ssmix.kernels.vandermonde import ChunkOps, _matrix_power
+
+__all__ = [
+    "DPLRStep",
+    "dplr_chunk_operators",
+    "dplr_dense",
+    "dplr_diagonalize",
+    "dplr_ssm_kernel",
+    "dplr_ssm_kernel_naive",
+    "dplr_step",
+    "dplr_step_setup",
+]
+
+# Frequencies per block of the Cauchy sums: bounds their memory to O(H·N·block).
+_FREQ_BLOCK = 256
+
+
+def _prepare(Lambda, P, B, dt, C=None):
+    """Validate shapes and promote dtypes; return complex arrays and ``P (rank, H, N/2)``."""
+    check_ndim("Lambda", Lambda, 2, "(H, N/2)")
+    check_ndim("P", P, (2, 3), "(H, N/2) or (rank, H, N/2)")
+    check_ndim("dt", dt, 1, "(H,)")
+    H, N2 = Lambda.shape
+    if P.ndim == 2:
+        P = P[None]
+    if P.shape[1:] != (H, N2):
+        raise ValueError(f"P must have shape (rank, {H}, {N2}); got {P.shape}")
+    if B.shape != (H, N2):
+        raise ValueError(f"B must have shape {(H, N2)}; got {B.shape}")
+    if dt.shape != (H,):
+        raise ValueError(f"dt must have shape ({H},); got {dt.shape}")
+    arrays = [Lambda, P, B, dt] + ([] if C is None else [C])
+    cdtype = jnp.promote_types(jnp.result_type(*arrays), jnp.complex64)
+    out = [Lambda.astype(cdtype), P.astype(cdtype), B.astype(cdtype)]
+    out.append(dt.astype(jnp.finfo(cdtype).dtype))
+    if C is not None:
+        check_ndim("C", C, (2, 3), "(H, N/2) or (C, H, N/2)")
+        if C.shape[-2:] != (H, N2):
+            raise ValueError(f"C must have shape (..., {H}, {N2}); got {C.shape}")
+        out.append((C if C.ndim == 3 else C[None]).astype(cdtype))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Step forms
+# --------------------------------------------------------------------------------------------
+
+
+class DPLRStep(NamedTuple):
+    """Parameters of the O(N) bilinear step ``x ← A₁(A₀ x + 2 B u)`` on half states.
+
+    ``A₀ = (2/Δ)I + A`` and ``A₁ = (2/Δ·I − A)⁻¹ = D − D P S⁻¹ P* D`` with
+    ``D = diag(1/(2/Δ − Λ))`` and the real ``S = I + P* D P`` (sums over both halves).
+
+    Attributes:
+      E: complex ``(H, N/2)``, ``2/Δ + Λ``.
+      D: complex ``(H, N/2)``, ``1/(2/Δ − Λ)``.
+      P: complex ``(rank, H, N/2)``.
+      S_inv: real ``(H, rank, rank)``.
+      B: complex ``(H, N/2)``.
+    """
+
+    E: jax.Array
+    D: jax.Array
+    P: jax.Array
+    S_inv: jax.Array
+    B: jax.Array
+
+
+def _full_inner(a, x):
+    """``a_full* x_full`` for conjugate-symmetric full vectors: ``2·Re Σ_n conj(a_n) x_n``.
+
+    ``a (rank, H, N/2)``, ``x (..., H, N/2)`` → real ``(..., rank, H)``.
+    """
+    return 2 * jnp.real(jnp.einsum("rhn,...hn->...rh", jnp.conj(a), x))
+
+
+def dplr_step_setup(Lambda, P, B, dt) -> DPLRStep:
+    """Precompute the O(N) bilinear step of the DPLR system (see :class:`DPLRStep`).
+
+    Args:
+      Lambda, B: complex ``(H, N/2)``; P: complex ``(rank, H, N/2)`` or ``(H, N/2)``;
+      dt: real ``(H,)``.
+
+    Returns:
+      :class:`DPLRStep`.
+    """
+    Lambda, P, B, dt = _prepare(Lambda, P, B, dt)
+    two_dt = (2 / dt)[:, None]
+    D = 1 / (two_dt - Lambda)
+    rank = P.shape[0]
+    S = jnp.eye(rank, dtype=dt.dtype) + 2 * jnp.real(
+        jnp.einsum("rhn,hn,shn->hrs", jnp.conj(P), D, P)
+    )
+    return DPLRStep(two_dt + Lambda, D, P, jnp.linalg.inv(S), B)
+
+
+def _apply_A1(params: DPLRStep, w):
+    """``A₁ w = D (w − P S⁻¹ P* D w)`` on half states ``w (..., H, N/2)``."""
+    Dw = params.D * w
+    z = jnp.einsum("hrs,...sh->...rh", params.S_inv, _full_inner(params.P, Dw))
+    return params.D * (w - jnp.einsum("rhn,...rh->...hn", params.P, z))
+
+
+def dplr_step(params: DPLRStep, state, u=None):
+    """One bilinear step ``x_t = Ā x_{t−1} + B̄ u_t`` in O(N) per feature (half states).
+
+    Args:
+      params: from :func:`dplr_step_setup`.
+      state: complex ``(..., H, N/2)`` (the half of a conjugate-symmetric full state).
+      u: real ``(..., H)`` input, or None for no input (``x ← Ā x``).
+
+    Returns:
+      The new state, complex ``(..., H, N/2)``. The output is ``2·Re Σ_n C_n x_n``.
+    """
+    w = params.E * state - jnp.einsum("rhn,...rh->...hn", params.P, _full_inner(params.P, state))
+    if u is not None:
+        w = w + 2 * params.B * u[..., None]
+    return _apply_A1(params, w)
+
+
+def dplr_dense(Lambda, P, B, C, dt):
+    """The DPLR system as a real dense system on the state ``[Re x, Im x]`` (``S = N``).
+
+    Columns of ``Ā`` are the O(N) step applied to the real basis, so all forms agree.
+
+    Args:
+      Lambda, B: complex ``(H, N/2)``; P: ``(rank, H, N/2)`` or ``(H, N/2)``;
+      C: complex ``(H, N/2)`` or ``(C, H, N/2)``; dt: real ``(H,)``.
+
+    Returns:
+      ``(dA (H, N, N), dB (H, N), C_r (C, H, N))``, real, with
+      ``ξ_t = dA ξ_{t−1} + dB u_t`` and ``y_t = C_r ξ_t`` (``C_r = [2 Re C, −2 Im C]``).
+    """
+    Lambda, P, B, dt, C = _prepare(Lambda, P, B, dt, C)
+    params = dplr_step_setup(Lambda, P, B, dt)
+    H, N2 = Lambda.shape
+    eye = jnp.eye(N2, dtype=Lambda.dtype)
+    basis = jnp.broadcast_to(jnp.concatenate([eye, 1j * eye], axis=0)[:, None], (2 * N2, H, N2))
+    cols = dplr_step(params, basis)  # (S, H, N2): Ā applied to each basis state
+    dA = jnp.transpose(jnp.concatenate([cols.real, cols.imag], axis=-1), (1, 2, 0))
+    dB = _apply_A1(params, 2 * params.B)
+    return dA, jnp.concatenate([dB.real, dB.imag], axis=-1), _real_output(C)
+
+
+def _real_output(C):
+    """Output row on ``[Re x, Im x]`` equal to ``2·Re(C x)``."""
+    return jnp.concatenate([2 * C.real, -2 * C.imag], axis=-1)
+
+
+def dplr_diagonalize(Lambda, P, B, C, dt):
+    """Diagonal form of the discrete DPLR system by an eigendecomposition of the dense ``Ā``.
+
+    ``Ā = V diag(λ) V⁻¹`` on the real state ``[Re x, Im x]``; the diagonal system
+    ``z_t = λ z_{t−1} + b u_t``, ``y_t = Re(c z_t)`` has the same kernel ``Re Σ c b λ^ℓ``.
+    For HiPPO matrices ``V`` is badly conditioned (REFERENCE.md §6), so this form loses
+    accuracy as N grows; it runs on the host (``jnp.linalg.eig`` is CPU-only) and is not
+    differentiable with respect to the eigenvectors.
+
+    Returns:
+      ``(lam (H, N), b (H, N), c (C, H, N))``, complex.
+    """
+    dA, dB, C_r = dplr_dense(Lambda, P, B, C, dt)
+    lam, V = jnp.linalg.eig(dA)
+    b = jnp.linalg.solve(V, dB.astype(V.dtype)[..., None])[..., 0]
+    c = jnp.einsum("chs,hsn->chn", C_r.astype(V.dtype), V)
+    return lam, b, c
+
+
+def dplr_chunk_operators(Lambda, P, B, C, dt, T: int, *, strict: bool = False) -> ChunkOps:
+    """:class:`~ssmix.kernels.vandermonde.ChunkOps` of the DPLR system (dense, ``S = N``).
+
+    Powers ``Ā^j B̄`` and ``C Ā^j`` for ``j < T`` come from the dense real form by doubling
+    (``log₂ T`` batched ``N × N`` matmuls).
+
+    Args:
+      Lambda, P, B, C, dt: as :func:`dplr_ssm_kernel`.
+      T: chunk length.
+      strict: strictly causal system ``y_t = C x_{t−1}`` (backward direction of a
+        bidirectional layer).
+    """
+    check_positive_int("T", T)
+    dA, dB, C_r = dplr_dense(Lambda, P, B, C, dt)
+    cols = dB[..., None]  # (H, S, j): Ā^j B̄
+    rows = C_r[..., None, :] if strict else jnp.einsum("chs,hst->cht", C_r, dA)[..., None, :]
+    power = dA
+    while cols.shape[-1] < T:
+        cols = jnp.concatenate([cols, power @ cols], axis=-1)
+        rows = jnp.concatenate([rows, rows @ power], axis=-2)
+        power = power @ power
+    cols, rows = cols[..., :T], rows[..., :T, :]
+    taps = jnp.einsum("chs,hsj->chj", C_r, cols)
+    if strict:
+        taps = jnp.pad(taps[..., : T - 1], ((0, 0), (0, 0), (1, 0)))
+    return ChunkOps(taps, cols[..., ::-1], jnp.swapaxes(rows, -1, -2), None, dA)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel by Cauchy sums
+# --------------------------------------------------------------------------------------------
+
+
+def _woodbury(r_cb, r_cp, r_pb, r_pp, beta):
+    """``r_CB − β r_CP (I + β r_PP)⁻¹ r_PB`` per frequency; rank-1 in closed form."""
+    rank = r_pp.shape[-1]
+    if rank == 1:
+        z = r_pb[..., 0] / (1 + beta * r_pp[..., 0, 0])
+        return r_cb - beta * r_cp[..., 0] * z
+    M = jnp.eye(rank, dtype=r_pp.dtype) + beta[..., None, None] * r_pp
+    z = jnp.linalg.solve(M, r_pb[..., None])[..., 0]  # (H, F, rank)
+    return r_cb - beta * jnp.sum(r_cp * z, axis=-1)
+
+
+def dplr_ssm_kernel(Lambda, P, B, C, dt, L: int):
+    """Convolution kernel of the bilinear DPLR system, ``K_ℓ = C Ā^ℓ B̄`` for ``ℓ < L``.
+
+    Evaluates the generating function at the ``L//2 + 1`` non-negative roots of unity with
+    Cauchy sums and a Woodbury correction (module docstring), then one inverse real FFT.
+    The Cauchy sums run over blocks of frequencies, so memory is ``O(H·(N + L))``.
+
+    Args:
+      Lambda: complex ``(H, N/2)`` diagonal part (half of each conjugate pair).
+      P: complex ``(rank, H, N/2)`` or ``(H, N/2)`` low-rank term.
+      B: complex ``(H, N/2)``.
+      C: complex ``(H, N/2)`` or ``(C, H, N/2)``, the true output matrix (``C̃`` is internal).
+      dt: real ``(H,)`` step sizes.
+      L: kernel length, any positive integer.
+
+    Returns:
+      Real ``(H, L)``, or ``(C, H, L)`` when ``C`` has channels.
+    """
+    check_positive_int("L", L)
+    has_channels = C.ndim == 3
+    Lambda, P, B, dt, C = _prepare(Lambda, P, B, dt, C)
+    nch, H, N2 = C.shape
+    rank = P.shape[0]
+    # C̃ = C (I − Ā^L): C Ā^L from the real dense Ā, read back as a half-mode row.
+    dA, _, C_r = dplr_dense(Lambda, P, B, C, dt)
+    v = jnp.einsum("chs,hst->cht", C_r, _matrix_power(dA, L))
+    C_t = C - (v[..., :N2] - 1j * v[..., N2:]) / 2
+
+    # Weights of the Cauchy sums over the full state, stored as half products w (the second
+    # half of each full vector is conj(w), paired with the conjugate poles).
+    Pc = jnp.conj(P)
+    w = jnp.concatenate(
+        [
+            (C_t * B[None]).reshape(nch, H, N2),  # r(C̃, B)
+            (C_t[:, None] * P[None]).reshape(nch * rank, H, N2),  # r(C̃, P_j)
+            Pc * B[None],  # r(P_i*, B)
+            (Pc[:, None] * P[None]).reshape(rank * rank, H, N2),  # r(P_i*, P_j)
+        ],
+        axis=0,
+    )
+    w = jnp.moveaxis(w, 0, -1)  # (H, N2, m)
+    weights = jnp.concatenate([w, jnp.conj(w)], axis=1)  # (H, N, m)
+    poles = jnp.concatenate([Lambda, jnp.conj(Lambda)], axis=1)  # (H, N)
+
+    F = L // 2 + 1
+    nb = -(-F // _FREQ_BLOCK)
+    Fb = min(F, _FREQ_BLOCK)
+    k = np.arange(nb * Fb)
+    omega = jnp.asarray(np.exp(-2j * np.pi * k / L), Lambda.dtype).reshape(nb, Fb)
+    two_dt = (2 / dt).astype(Lambda.dtype)
+
+    @jax.checkpoint
+    def block(om):
+        # R[h, k, n] = 1 / ((2/Δ)(1 − ω) − (1 + ω) Λ_n): no pole at ω = −1.
+        alpha = two_dt[:, None, None] * (1 - om)[None, :, None]
+        R = 1 / (alpha - (1 + om)[None, :, None] * poles[:, None, :])
+        return jnp.einsum("hkn,hnm->hkm", R, weights)
+
+    sums = jax.lax.map(block, omega)  # (nb, H, Fb, m)
+    sums = jnp.moveaxis(sums, 0, 1).reshape(H, nb * Fb, -1)[:, :F]
+    beta = jnp.asarray(1 + np.exp(-2j * np.pi * np.arange(F) / L), Lambda.dtype)
+    i = 0
+    r_cb = jnp.moveaxis(sums[..., i : i + nch], -1, 0)  # (C, H, F)
+    i += nch
+    r_cp = jnp.moveaxis(sums[..., i : i + nch * rank].reshape(H, F, nch, rank), 2, 0)
+    i += nch * rank
+    r_pb = sums[..., i : i + rank]  # (H, F, rank)
+    i += rank
+    r_pp = sums[..., i:].reshape(H, F, rank, rank)
+    k_hat = 2 * _woodbury(r_cb, r_cp, r_pb[None], r_pp[None], beta)
+    K = jnp.fft.irfft(k_hat, n=L, axis=-1)
+    return K if has_channels else K[0]
+
+
+def dplr_ssm_kernel_naive(Lambda, P, B, C, dt, L: int):
+    """Reference for :func:`dplr_ssm_kernel`: dense full-state bilinear ``Ā``, ``B̄``, loop.
+
+    Builds ``A = diag(Λ_full) − Σ_r P_full,r P_full,r*`` (``N × N`` complex),
+    ``Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A)``, ``B̄ = (I − Δ/2·A)⁻¹ Δ B_full`` and evaluates
+    ``Re(C_full Ā^ℓ B̄)`` by repeated multiplication.
+    """
+    has_channels = C.ndim == 3
+    Lambda, P, B, dt, C = _prepare(Lambda, P, B, dt, C)
+    full = lambda x: jnp.concatenate([x, jnp.conj(x)], axis=-1)
+    Pf = full(P)  # (rank, H, N)
+    A = jax.vmap(jnp.diag)(full(Lambda)) - jnp.einsum("rhn,rhm->hnm", Pf, jnp.conj(Pf))
+    N = A.shape[-1]
+    eye = jnp.eye(N, dtype=A.dtype)
+    half = (dt / 2)[:, None, None] * A
+    dA = jnp.linalg.solve(eye - half, eye + half)
+    dB = jnp.linalg.solve(eye - half, (dt[:, None] * full(B))[..., None])[..., 0]
+    Cf = full(C)
+    taps = []
+    x = dB
+    for _ in range(L):
+        taps.append(jnp.real(jnp.einsum("chn,hn->ch", Cf, x)))
+        x = jnp.einsum("hnm,hm->hn", dA, x)
+    K = jnp.stack(taps, axis=-1)
+    return K if has_channels else K[0]
