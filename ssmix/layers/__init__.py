@@ -1,3 +1,5 @@
 """Flax NNX sequence-mixing layers. Each layer exposes its kernel modes and a materialized form."""
 
-__all__: list[str] = []
+from ssmix.layers.attention import Attention, KroneckerAttention, TensorAttention
+
+__all__: list[str] = ["Attention", "KroneckerAttention", "TensorAttention"]

@@ -1,0 +1,304 @@
+"""Attention mixers (Flax NNX): softmax, Kronecker (KAO) and tensor / 2-simplicial attention.
+
+All three take ``x (B, L, features)`` and an optional boolean ``mask (B, L)`` (True = valid,
+right padding) and return ``(B, L, features)``: linear projections to heads, the mixing kernel
+from :mod:`ssmix.kernels.attention`, a linear output projection. Padded positions never
+influence valid outputs. ``materialize(x, mask=None)`` returns the per-head mixing weights
+(the matrix M of ``y = M v`` before the output projection) for inspection and testing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssmix._checks import check_choice, check_ndim, check_positive_int
+from ssmix.kernels.attention import (
+    KAO_VARIANTS,
+    TENSOR_METHODS,
+    kao,
+    kao_mixing_matrix,
+    softmax_attention,
+    softmax_attention_weights,
+    tensor_attention,
+    tensor_attention_weights,
+)
+
+__all__ = ["Attention", "KroneckerAttention", "TensorAttention"]
+
+
+def _head_dim(features: int, num_heads: int, head_dim: int | None) -> int:
+    check_positive_int("features", features)
+    check_positive_int("num_heads", num_heads)
+    if head_dim is None:
+        if features % num_heads:
+            raise ValueError(
+                f"features ({features}) must be divisible by num_heads ({num_heads}) when "
+                "head_dim is not given"
+            )
+        return features // num_heads
+    return check_positive_int("head_dim", head_dim)
+
+
+def _check_input(x: jax.Array, features: int, mask: jax.Array | None) -> None:
+    check_ndim("x", x, 3, f"(B, L, features={features})")
+    if x.shape[-1] != features:
+        raise ValueError(f"x must have {features} features in its last axis; got {x.shape}")
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"mask must be a boolean array (True = valid); got {mask.dtype}")
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"mask must have shape (B, L) = {x.shape[:2]}; got {mask.shape}")
+
+
+class _Projected(nnx.Module):
+    """Shared plumbing: one input projection to ``parts`` per-head tensors, one output."""
+
+    def __init__(self, features, num_heads, head_dim, parts, use_bias, rngs):
+        self.features = features
+        self.num_heads = num_heads
+        self.head_dim = _head_dim(features, num_heads, head_dim)
+        self.parts = parts
+        width = num_heads * self.head_dim
+        self.in_proj = nnx.Linear(features, parts * width, use_bias=use_bias, rngs=rngs)
+        self.out_proj = nnx.Linear(width, features, use_bias=use_bias, rngs=rngs)
+
+    def _project(self, x: jax.Array) -> list[jax.Array]:
+        """``(B, L, features) -> parts × (B, L, heads, head_dim)``."""
+        y = self.in_proj(x)
+        y = y.reshape(x.shape[:2] + (self.parts, self.num_heads, self.head_dim))
+        return [y[:, :, i] for i in range(self.parts)]
+
+    def _output(self, y: jax.Array) -> jax.Array:
+        """``(B, L, heads, head_dim) -> (B, L, features)``."""
+        return self.out_proj(y.reshape(y.shape[:2] + (-1,)))
+
+
+class Attention(_Projected):
+    """Multi-head softmax attention, the baseline mixer: ``(B, L, features) -> (B, L, features)``.
+
+    Args:
+      features: model width.
+      num_heads: number of heads; ``head_dim`` defaults to ``features // num_heads``.
+      causal: position t attends to positions s ≤ t.
+      block_size: None materializes the L × L weights per head; an integer uses the blocked
+        online-softmax kernel (O(L·(head_dim + block_size)) memory, same result).
+      use_bias: biases in the projections.
+      rngs: ``nnx.Rngs`` for the initialisation.
+
+    ``mask (B, L)`` bool marks valid keys; padded keys get zero weight.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        num_heads: int = 1,
+        head_dim: int | None = None,
+        causal: bool = False,
+        block_size: int | None = None,
+        use_bias: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(features, num_heads, head_dim, 3, use_bias, rngs)
+        if block_size is not None:
+            check_positive_int("block_size", block_size)
+        self.causal = bool(causal)
+        self.block_size = block_size
+
+    def _qkv(self, x):
+        return [jnp.swapaxes(t, 1, 2) for t in self._project(x)]  # (B, H, L, dh)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``x (B, L, features)``, ``mask (B, L)`` bool or None -> ``(B, L, features)``."""
+        _check_input(x, self.features, mask)
+        q, k, v = self._qkv(x)
+        y = softmax_attention(q, k, v, causal=self.causal, mask=mask, block_size=self.block_size)
+        return self._output(jnp.swapaxes(y, 1, 2))
+
+    def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """The attention weights per head, ``(B, heads, L, L)``: head h mixes ``v_h`` by them."""
+        _check_input(x, self.features, mask)
+        q, k, _ = self._qkv(x)
+        return softmax_attention_weights(q, k, causal=self.causal, mask=mask)
+
+
+class KroneckerAttention(_Projected):
+    """Kronecker attention (KAO) over a flattened image or video grid.
+
+    Takes ``x (B, L, features)`` with ``L = prod(grid)`` positions in row-major order of
+    ``grid = (h, w)`` or ``(t, h, w)`` (fixed at construction) and returns
+    ``(B, L, features)``. Queries, keys and values are per-position projections; keys and
+    values are then reduced to their per-mode means (h + w, or t + h + w summary vectors), see
+    :func:`ssmix.kernels.attention.kao`.
+
+    Args:
+      features: model width.
+      grid: the spatial shape, ``(h, w)`` or ``(t, h, w)``.
+      variant: ``"kv"`` (every position queries the summaries, O(L·(h + w)·features)) or
+        ``"qkv"`` (summaries query summaries, outputs are spread back along rows and columns,
+        O((h + w)²·features)).
+      num_heads, head_dim, use_bias, rngs: as in :class:`Attention`.
+
+    ``mask (B, L)`` bool: the means run over valid positions only and masked positions output
+    the output projection's bias, so padding never influences valid outputs. On a full image
+    grid a mask is rarely meaningful; it is supported for right-padded batches of flattened
+    images.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        grid: tuple[int, ...],
+        *,
+        variant: str = "kv",
+        num_heads: int = 1,
+        head_dim: int | None = None,
+        use_bias: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        check_choice("variant", variant, KAO_VARIANTS)
+        if not (isinstance(grid, (tuple, list)) and len(grid) in (2, 3)):
+            raise ValueError(f"grid must be (h, w) or (t, h, w); got {grid!r}")
+        self.grid = tuple(check_positive_int("grid entry", g) for g in grid)
+        self.variant = variant
+        super().__init__(features, num_heads, head_dim, 3, use_bias, rngs)
+
+    def _grid_qkv(self, x, mask):
+        _check_input(x, self.features, mask)
+        if x.shape[1] != math.prod(self.grid):
+            raise ValueError(
+                f"x has length {x.shape[1]} but the grid {self.grid} has "
+                f"{math.prod(self.grid)} positions"
+            )
+        shape = (x.shape[0],) + self.grid + (self.num_heads * self.head_dim,)
+        q, k, v = (t.reshape(shape) for t in self._project(x))
+        gmask = None if mask is None else mask.reshape((x.shape[0],) + self.grid)
+        return q, k, v, gmask
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``x (B, L, features)``, ``mask (B, L)`` bool or None -> ``(B, L, features)``."""
+        q, k, v, gmask = self._grid_qkv(x, mask)
+        y = kao(q, variant=self.variant, num_heads=self.num_heads, keys=k, values=v, mask=gmask)
+        return self._output(y.reshape(x.shape[:2] + (self.num_heads, self.head_dim)))
+
+    def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """The KAO mixing matrix per head, ``(B, heads, L, L)``: head h outputs ``M_h v_h``."""
+        q, k, _, gmask = self._grid_qkv(x, mask)
+        return kao_mixing_matrix(
+            q, variant=self.variant, num_heads=self.num_heads, keys=k, mask=gmask
+        )
+
+
+class TensorAttention(_Projected):
+    """Tensor (triple-wise) or 2-simplicial attention: ``(B, L, features) -> (B, L, features)``.
+
+    Five per-head projections give q, k1, k2, v1, v2; every query attends to all key pairs
+    (i, j) with one softmax over pairs (:func:`ssmix.kernels.attention.tensor_attention`).
+
+    Args:
+      features: model width.
+      num_heads, head_dim, use_bias, rngs: as in :class:`Attention`.
+      method: ``"naive"`` (O(L³) memory, reference), ``"blocked"`` (exact, low memory),
+        ``"simplicial"`` (causal windows ``w1``, ``w2``, O(L·w1·w2)) or ``"approx"`` (Taylor
+        features of even ``degree``; accurate only while the scores stay small, e.g. head
+        dimension 8 and entries of q, k1, k2 within [−½, ½]; cost grows as C(head_dim + degree,
+        degree)).
+      causal: pairs with i, j ≤ t only. None means the method's natural choice: True for
+        ``"simplicial"`` (which is always causal), False otherwise.
+      w1, w2: causal windows (``t − w1 < i``, ``t − w2 < j``); None is unbounded.
+      degree: Taylor degree of ``"approx"``.
+      block_size: kernel block size (``"blocked"``: int or (bi, bj); ``"simplicial"``: int).
+
+    ``mask (B, L)`` bool: a pair is valid when both keys are valid; queries without a valid
+    pair output the output projection's bias.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        num_heads: int = 1,
+        head_dim: int | None = None,
+        method: str = "blocked",
+        causal: bool | None = None,
+        w1: int | None = None,
+        w2: int | None = None,
+        degree: int = 4,
+        block_size: int | tuple[int, int] | None = None,
+        use_bias: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        check_choice("method", method, TENSOR_METHODS)
+        if causal is None:
+            causal = method == "simplicial"
+        if method == "simplicial" and not causal:
+            raise ValueError("method='simplicial' is causal by definition; use causal=True")
+        for name, w in (("w1", w1), ("w2", w2)):
+            if w is not None:
+                check_positive_int(name, w)
+                if not causal:
+                    raise ValueError(f"{name} (a causal window) needs causal=True")
+        if method == "approx" and (w1 is not None or w2 is not None):
+            raise ValueError("method='approx' does not support windows w1, w2")
+        check_positive_int("degree", degree)
+        if method == "approx" and degree % 2:
+            raise ValueError(
+                f"degree must be even (keeps the approximate softmax normaliser positive); "
+                f"got {degree}"
+            )
+        super().__init__(features, num_heads, head_dim, 5, use_bias, rngs)
+        self.method = method
+        self.causal = bool(causal)
+        self.w1, self.w2 = w1, w2
+        self.degree = degree
+        self.block_size = block_size
+
+    def _fold(self, x, mask):
+        """Project and fold heads into the batch: five ``(B·H, L, dh)`` and the mask."""
+        _check_input(x, self.features, mask)
+        b, n = x.shape[:2]
+        parts = [
+            jnp.swapaxes(t, 1, 2).reshape(b * self.num_heads, n, self.head_dim)
+            for t in self._project(x)
+        ]
+        fmask = None if mask is None else jnp.repeat(mask, self.num_heads, axis=0)
+        return parts, fmask
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``x (B, L, features)``, ``mask (B, L)`` bool or None -> ``(B, L, features)``."""
+        (q, k1, k2, v1, v2), fmask = self._fold(x, mask)
+        y = tensor_attention(
+            q,
+            k1,
+            k2,
+            v1,
+            v2,
+            method=self.method,
+            causal=self.causal,
+            mask=fmask,
+            w1=self.w1,
+            w2=self.w2,
+            degree=self.degree,
+            block_size=self.block_size,
+        )
+        b, n = x.shape[:2]
+        y = jnp.swapaxes(y.reshape(b, self.num_heads, n, self.head_dim), 1, 2)
+        return self._output(y)
+
+    def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """The exact n × n² weights per head, ``(B, heads, L, L, L)`` (small L only).
+
+        Head h outputs ``Σ_{i,j} W[:, h, t, i, j] · v1_h[i] ∘ v2_h[j]``; with ``"approx"`` this
+        is the exact tensor the method approximates.
+        """
+        (q, k1, k2, _, _), fmask = self._fold(x, mask)
+        w = tensor_attention_weights(
+            q, k1, k2, causal=self.causal, mask=fmask, w1=self.w1, w2=self.w2
+        )
+        b, n = x.shape[:2]
+        return w.reshape((b, self.num_heads) + w.shape[1:])

@@ -1,0 +1,149 @@
+"""Attention layers: every form agrees with the materialized mixing weights; masks; errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssmix.layers import Attention, KroneckerAttention, TensorAttention
+from ssmix.testing import assert_close, check_equivalent
+
+B, L, F, HEADS = 2, 12, 8, 2
+MASK = jnp.asarray(np.arange(L)[None, :] < np.array([[7], [12]]))
+
+
+def _x(seed=0, scale=1.0):
+    return scale * jax.random.normal(jax.random.PRNGKey(seed), (B, L, F))
+
+
+def _projections(layer, x, parts):
+    """The per-head projections ``parts × (B, L, heads, head_dim)`` the layer computes."""
+    y = layer.in_proj(x).reshape(x.shape[:2] + (parts, layer.num_heads, layer.head_dim))
+    return [y[:, :, i] for i in range(parts)]
+
+
+def _assert_padding_has_no_influence(fn, x):
+    poked = x.at[0, 7:].set(25.0)
+    assert_close(fn(x)[0, :7], fn(poked)[0, :7], atol=1e-5)
+
+
+def test_attention_forms_agree():
+    make = lambda block_size: Attention(
+        F, num_heads=HEADS, causal=True, block_size=block_size, rngs=nnx.Rngs(0)
+    )
+    layer, blocked = make(None), make(5)
+
+    def materialized(x):
+        w = layer.materialize(x, MASK)
+        v = _projections(layer, x, 3)[2]
+        return layer.out_proj(jnp.einsum("bhlm,bmhd->blhd", w, v).reshape(x.shape[:2] + (-1,)))
+
+    impls = {
+        "materialized": materialized,
+        "layer": lambda x: layer(x, MASK),
+        "blocked": lambda x: blocked(x, MASK),
+    }
+    impls = {k: jax.jit(f) for k, f in impls.items()}
+    check_equivalent(impls, _x())
+    _assert_padding_has_no_influence(impls["blocked"], _x())
+
+
+@pytest.mark.parametrize("variant, grid", [("kv", (3, 4)), ("qkv", (2, 2, 3))])
+def test_kronecker_attention_matches_materialized(variant, grid):
+    layer = KroneckerAttention(F, grid, variant=variant, num_heads=HEADS, rngs=nnx.Rngs(1))
+
+    def materialized(x):
+        m = layer.materialize(x, MASK)
+        v = _projections(layer, x, 3)[2]
+        return layer.out_proj(jnp.einsum("bhlm,bmhd->blhd", m, v).reshape(x.shape[:2] + (-1,)))
+
+    impls = {"materialized": materialized, "layer": lambda x: layer(x, MASK)}
+    impls = {k: jax.jit(f) for k, f in impls.items()}
+    check_equivalent(impls, _x())
+    _assert_padding_has_no_influence(impls["layer"], _x())
+
+
+def _tensor_materialized(layer):
+    def fn(x):
+        w = layer.materialize(x, MASK)  # (B, H, L, L, L)
+        _, _, _, v1, v2 = _projections(layer, x, 5)
+        y = jnp.einsum("bhlij,bihc,bjhc->blhc", w, v1, v2)
+        return layer.out_proj(y.reshape(x.shape[:2] + (-1,)))
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "methods, options",
+    [
+        (("naive", "blocked"), {}),
+        (("blocked", "simplicial"), {"causal": True, "w1": 4, "w2": 6}),
+    ],
+)
+def test_tensor_attention_forms_agree(methods, options):
+    layers = {
+        m: TensorAttention(F, num_heads=HEADS, method=m, rngs=nnx.Rngs(2), **options)
+        for m in methods
+    }
+    impls = {"materialized": _tensor_materialized(layers[methods[0]])}
+    impls.update({m: (lambda x, lay=lay: lay(x, MASK)) for m, lay in layers.items()})
+    impls = {k: jax.jit(f) for k, f in impls.items()}
+    check_equivalent(impls, _x())
+    _assert_padding_has_no_influence(impls[methods[-1]], _x())
+
+
+def test_tensor_attention_approx_close_for_small_entries():
+    """Small inputs keep the scores small, where the Taylor features are accurate."""
+    exact = TensorAttention(F, num_heads=HEADS, method="naive", rngs=nnx.Rngs(3))
+    approx = TensorAttention(F, num_heads=HEADS, method="approx", rngs=nnx.Rngs(3))
+    x = _x(scale=0.3)
+    run = jax.jit(lambda x: (exact(x, MASK), approx(x, MASK)))
+    assert_close(*run(x), ratio=1e-4)
+
+
+def test_parameter_gradients_are_finite_with_padding():
+    layer = TensorAttention(F, num_heads=HEADS, method="blocked", rngs=nnx.Rngs(4))
+    mask = MASK.at[0].set(False)  # one sequence fully padded
+
+    @nnx.jit
+    def grads(layer, x):
+        return nnx.grad(lambda lay: jnp.sum(lay(x, mask) ** 2))(layer)
+
+    for leaf in jax.tree_util.tree_leaves(grads(layer, _x())):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_layer_errors():
+    rngs = nnx.Rngs(0)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        Attention(10, num_heads=3, rngs=rngs)
+    with pytest.raises(ValueError, match="block_size"):
+        Attention(F, block_size=0, rngs=rngs)
+    layer = Attention(F, num_heads=HEADS, rngs=rngs)
+    with pytest.raises(ValueError, match=r"\(B, L, features=8\)"):
+        layer(jnp.zeros((L, F)))
+    with pytest.raises(ValueError, match="8 features"):
+        layer(jnp.zeros((B, L, F + 1)))
+    with pytest.raises(ValueError, match=r"mask must have shape \(B, L\)"):
+        layer(_x(), jnp.ones((B, L + 1), bool))
+    with pytest.raises(TypeError, match="boolean"):
+        layer(_x(), jnp.ones((B, L)))
+
+    with pytest.raises(ValueError, match="grid must be"):
+        KroneckerAttention(F, (12,), rngs=rngs)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        KroneckerAttention(F, (3, 4), variant="v", rngs=rngs)
+    with pytest.raises(ValueError, match="grid"):
+        KroneckerAttention(F, (3, 5), rngs=rngs)(_x())
+
+    with pytest.raises(ValueError, match="method must be one of"):
+        TensorAttention(F, method="fast", rngs=rngs)
+    with pytest.raises(ValueError, match="causal by definition"):
+        TensorAttention(F, method="simplicial", causal=False, rngs=rngs)
+    with pytest.raises(ValueError, match="needs causal=True"):
+        TensorAttention(F, w1=3, rngs=rngs)
+    with pytest.raises(ValueError, match="even"):
+        TensorAttention(F, method="approx", degree=3, rngs=rngs)
+    with pytest.raises(ValueError, match="windows"):
+        TensorAttention(F, method="approx", causal=True, w2=3, rngs=rngs)
