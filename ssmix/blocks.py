@@ -52,6 +52,16 @@ _ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def dense(linear: nnx.Linear, x: jax.Array) -> jax.Array:
+    """Apply ``linear`` to ``x (..., in)`` as one 2-D matmul: ``(..., out)``.
+
+    XLA on CPU lowers the weight gradient of an N-D ``dot_general`` (contracting batch and
+    length together) about 3× slower than the same product on the flattened ``(B·L, in)``
+    matrix (measured at B = 32, L = 1024, H = 64).
+    """
+    return linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
 class Norm(nnx.Module):
     """Normalisation over the feature axis of ``x (B, L, H)``: ``layer``, ``batch`` or ``rms``.
 
@@ -144,20 +154,20 @@ class ResidualBlock(nnx.Module):
         z = self.mixer(x, mask=mask)
         a = self.dropout(act(z), rngs=rngs)
         if self.glu == "none":
-            y = self.out(a)
+            y = dense(self.out, a)
         elif self.glu == "full":
-            value, gate = jnp.split(self.out(a), 2, axis=-1)
+            value, gate = jnp.split(dense(self.out, a), 2, axis=-1)
             y = value * jax.nn.sigmoid(gate)
         elif self.glu == "half1":
-            y = a * jax.nn.sigmoid(self.out(a))
+            y = a * jax.nn.sigmoid(dense(self.out, a))
         else:
-            y = z * jax.nn.sigmoid(self.out(a))
+            y = z * jax.nn.sigmoid(dense(self.out, a))
         return self.dropout(y, rngs=rngs)
 
     def _mlp(self, x, rngs):
         act = _ACTIVATION_FNS[self.activation]
-        h = self.dropout(act(self.mlp_in(x)), rngs=rngs)
-        return self.dropout(self.mlp_out(h), rngs=rngs)
+        h = self.dropout(act(dense(self.mlp_in, x)), rngs=rngs)
+        return self.dropout(dense(self.mlp_out, h), rngs=rngs)
 
     def __call__(
         self, x: jax.Array, mask: jax.Array | None = None, *, rngs: nnx.Rngs | None = None
@@ -311,7 +321,7 @@ class SequenceModel(nnx.Module):
             raise ValueError(
                 f"mask must have shape {x.shape[:2]} (batch, length); got {mask.shape}"
             )
-        h = self.encoder(x)
+        h = self.encoder(x) if self.vocab_size is not None else dense(self.encoder, x)
         if self.positional == "sinusoidal":
             h = h + sinusoidal_positions(h.shape[1], h.shape[2]).astype(h.dtype)
         for block in self.blocks:

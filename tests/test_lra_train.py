@@ -224,6 +224,8 @@ def _tiny(cfg_model, task):
     for key, small in (("d_state", 4), ("blocks", 2), ("num_heads", 2)):
         if key in mixer:
             mixer[key] = small
+    if cfg_model == "hydra":  # Hydra keeps its own defaults in the configs; shrink them here
+        mixer.update(d_state=4, headdim=4, chunk_size=8)
     return make_config(task, cfg_model, "demo", {
         "d_model": 8, "n_layers": 1, "batch_size": 4, "max_len": 24, "pad_multiple": 24,
         "mixer": mixer, "progress": False,

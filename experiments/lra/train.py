@@ -37,6 +37,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -441,6 +442,8 @@ def train(
             )
         if lead:
             shutil.rmtree(out)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("ssmix-lra-overwrite")
     out.mkdir(parents=True, exist_ok=True)
     data = data if data is not None else load_data(cfg)
     exp = Experiment(cfg, data)
@@ -495,7 +498,7 @@ def train(
                         "split": "train",
                         "loss": window["loss"],
                         "accuracy": window["accuracy"],
-                        "lr": float(exp.lr_schedule(step)),
+                        "lr": float(exp.lr_schedule(step - 1)),  # of the last update
                         "tokens_per_s": window["tokens"] / elapsed,
                         "elapsed_s": elapsed,
                     }
