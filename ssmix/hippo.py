@@ -339,3 +339,297 @@ def dt_init(
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     u = jax.random.uniform(key, shape, dtype=dtype)
     return jnp.exp(u * (np.log(dt_max) - np.log(dt_min)) + np.log(dt_min)).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer functions
+
+
+def transfer_function(
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    omega: jax.Array,
+    *,
+    conj_symmetric: bool = False,
+) -> jax.Array:
+    """Frequency response ``H(iω) = C (iωI − A)⁻¹ B`` of a continuous system, vectorised over ω.
+
+    ``A`` is either dense ``(N, N)`` or the diagonal ``(N,)`` of a diagonal system. Single-input
+    single-output systems pass ``B (N,)`` and ``C (N,)``; multi-input ``B (N, I)`` and
+    multi-output ``C (O, N)`` add those axes to the result. Computed in JAX in the inputs'
+    precision: enable float64 (``jax.enable_x64``) for HiPPO matrices, whose resolvent is badly
+    conditioned.
+
+    Args:
+      A: ``(N, N)`` dense or ``(N,)`` diagonal state matrix, real or complex.
+      B: ``(N,)`` or ``(N, I)``.
+      C: ``(N,)`` or ``(O, N)``.
+      omega: real frequencies of any shape ``W``.
+      conj_symmetric: for a diagonal system stored as one mode per conjugate pair (S4D, the
+        :func:`nplr` half), also add the conjugate modes, i.e. return the response of the real
+        ``2N``-state system (``A``, ``B``, ``C`` with their conjugates).
+
+    Returns:
+      complex array of shape ``W + (O,)? + (I,)?``.
+
+    Example:
+      >>> A, B = transition("legs", 8); C = np.ones(8)
+      >>> H = transfer_function(A, B, C, np.linspace(-50, 50, 201))   # (201,)
+    """
+    A, B, C = jnp.asarray(A), jnp.asarray(B), jnp.asarray(C)
+    omega = jnp.asarray(omega)
+    if A.ndim not in (1, 2) or (A.ndim == 2 and A.shape[0] != A.shape[1]):
+        raise ValueError(f"A must have shape (N, N) or (N,); got {A.shape}")
+    N = A.shape[0]
+    if B.ndim not in (1, 2) or B.shape[0] != N:
+        raise ValueError(f"B must have shape (N,) or (N, I) with N = {N}; got {B.shape}")
+    if C.ndim not in (1, 2) or C.shape[-1] != N:
+        raise ValueError(f"C must have shape (N,) or (O, N) with N = {N}; got {C.shape}")
+    if jnp.iscomplexobj(omega):
+        raise ValueError("omega must be real (frequencies)")
+    if conj_symmetric and A.ndim != 1:
+        raise ValueError("conj_symmetric applies to diagonal systems (A of shape (N,)) only")
+    dtype = jnp.result_type(A, B, C, omega, jnp.complex64)
+    A, B, C = A.astype(dtype), B.astype(dtype), C.astype(dtype)
+    B2 = B if B.ndim == 2 else B[:, None]
+    C2 = C if C.ndim == 2 else C[None, :]
+    s = 1j * omega.reshape(-1).astype(dtype)
+    if A.ndim == 1:
+        # Σ_n C_on B_ni / (s − A_n); the conjugate half adds conj(C) conj(B) / (s − conj A).
+        H = jnp.einsum("on,wn,ni->woi", C2, 1.0 / (s[:, None] - A[None, :]), B2)
+        if conj_symmetric:
+            H = H + jnp.einsum(
+                "on,wn,ni->woi", C2.conj(), 1.0 / (s[:, None] - A.conj()[None, :]), B2.conj()
+            )
+    else:
+        eye = jnp.eye(N, dtype=dtype)
+        X = jax.vmap(lambda z: jnp.linalg.solve(z * eye - A, B2))(s)  # (W, N, I)
+        H = jnp.einsum("on,wni->woi", C2, X)
+    if C.ndim == 1:
+        H = H[:, 0]
+    if B.ndim == 1:
+        H = H[..., 0]
+    return H.reshape(omega.shape + H.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Online function approximation (HiPPO projection and reconstruction)
+
+PROJECT_MEASURES = ("legs", "legt", "lmu", "lagt", "fout")
+"""Measures understood by :func:`project` and :func:`reconstruct`."""
+
+# Window length, in ODE time units, of the translated measures as defined by `transition`:
+# the S4 code's halved LegT and its FouT are the window-2 systems, the LMU the window-1 one.
+_WINDOW = {"legt": 2.0, "fout": 2.0, "lmu": 1.0}
+
+
+def project(u, measure: str, N: int, dt: float) -> np.ndarray:
+    """Run the HiPPO ODE over a sampled signal and return the coefficient trajectory.
+
+    Sample ``u[k]`` is taken at time ``(k+1)·dt`` and the ODE is discretised with the bilinear
+    (Tustin) rule with the input averaged over each step (a piecewise-linear input, zero before
+    the first sample), so the memory does not lag by half a sample. ``"legs"`` is
+    time-varying, ``x' = (A x + B u)/t``, and summarises the whole history ``[0, t]`` (its
+    coefficients do not depend on ``dt``); the others are time invariant, ``x' = A x + B u``:
+    ``"legt"`` and ``"fout"`` summarise a sliding window of 2 time units (``2/dt`` samples),
+    ``"lmu"`` a window of 1, and ``"lagt"`` the whole past with Laguerre functions of unit time
+    scale. Computed in float64 with a ``lax.scan``.
+
+    Args:
+      u: signal, ``(L,)`` or batched ``(B, L)``.
+      measure: one of :data:`PROJECT_MEASURES`.
+      N: number of coefficients, a positive integer.
+      dt: positive step between samples, in ODE time units.
+
+    Returns:
+      float64 coefficients ``(L, N)`` or ``(B, L, N)``; row ``k`` summarises ``u[: k + 1]``.
+
+    Example (rebuild the last window of a LegT memory)::
+
+      dt = 2 / 500                                # window = 500 samples
+      u = np.sin(np.linspace(0, 20, 2000))
+      c = project(u, "legt", 64, dt)              # (2000, 64)
+      delays = dt * np.arange(500)                # 0 = newest sample
+      u_hat = reconstruct(c[-1], "legt", delays)  # (500,) ≈ u[-1:-501:-1]
+    """
+    check_choice("measure", measure, PROJECT_MEASURES)
+    check_positive_int("N", N)
+    if not (np.isfinite(dt) and dt > 0):
+        raise ValueError(f"dt must be a positive finite number; got {dt!r}")
+    u = np.asarray(u, dtype=np.float64)
+    if u.ndim not in (1, 2) or u.shape[-1] == 0:
+        raise ValueError(f"u must have shape (L,) or (B, L) with L >= 1; got {u.shape}")
+    A, B = transition(measure, N)
+    with jax.enable_x64(True):
+        us = jnp.asarray(np.moveaxis(np.atleast_2d(u), -1, 0))  # (L, B)
+        if measure == "legs":
+            coeffs = _project_legs(jnp.asarray(A), jnp.asarray(B), us)
+        else:
+            eye = np.eye(N)
+            lhs = eye - 0.5 * dt * A
+            Ad = np.linalg.solve(lhs, eye + 0.5 * dt * A)
+            Bd = np.linalg.solve(lhs, dt * B)
+            coeffs = _project_lti(jnp.asarray(Ad), jnp.asarray(Bd), us)
+        coeffs = np.asarray(jnp.moveaxis(coeffs, 0, 1))  # (B, L, N)
+    return coeffs[0] if u.ndim == 1 else coeffs
+
+
+@jax.jit
+def _project_lti(Ad: jax.Array, Bd: jax.Array, us: jax.Array) -> jax.Array:
+    """x_k = Ā x_{k−1} + B̄ (u_k + u_{k−1})/2 over ``us (L, B)`` (u_{−1} = 0): ``(L, B, N)``."""
+
+    # Tustin with the input averaged over the step (exact for a piecewise-linear input):
+    # feeding u_k alone would make the memory lag the signal by half a sample.
+    u_prev = jnp.concatenate([jnp.zeros_like(us[:1]), us[:-1]], axis=0)
+
+    def step(x, u_k):
+        x = x @ Ad.T + u_k[:, None] * Bd[None, :]
+        return x, x
+
+    x0 = jnp.zeros((us.shape[1], Ad.shape[0]), Ad.dtype)
+    return jax.lax.scan(step, x0, 0.5 * (us + u_prev))[1]
+
+
+@jax.jit
+def _project_legs(A: jax.Array, B: jax.Array, us: jax.Array) -> jax.Array:
+    """LegS Tustin step over ``[k−1, k]`` with ``1/t`` frozen at the midpoint ``τ = k − ½``.
+
+    ``(I − A/2τ) x_k = (I + A/2τ) x_{k−1} + (B/τ)(u_k + u_{k−1})/2``; freezing at the midpoint
+    and averaging the input (rather than the HiPPO code's ``A/k``, ``u_k``) halves the
+    reconstruction error. ``us (L, B)``; returns ``(L, B, N)``.
+    """
+    N = A.shape[0]
+    eye = jnp.eye(N, dtype=A.dtype)
+    u_prev = jnp.concatenate([jnp.zeros_like(us[:1]), us[:-1]], axis=0)
+
+    def step(x, inp):
+        tau, u_k = inp
+        rhs = x @ (eye + A / (2 * tau)).T + u_k[:, None] * (B / tau)[None, :]
+        # I − A/2τ is lower triangular (LegS A is), so each step is one triangular solve.
+        x = jax.scipy.linalg.solve_triangular(eye - A / (2 * tau), rhs.T, lower=True).T
+        return x, x
+
+    taus = jnp.arange(1, us.shape[0] + 1, dtype=A.dtype) - 0.5
+    x0 = jnp.zeros((us.shape[1], N), A.dtype)
+    return jax.lax.scan(step, x0, (taus, 0.5 * (us + u_prev)))[1]
+
+
+def _legendre(n_max: int, x: np.ndarray) -> np.ndarray:
+    """Legendre polynomials ``P_0 … P_{n_max−1}`` at ``x``: shape ``(n_max,) + x.shape``."""
+    out = np.empty((n_max,) + x.shape)
+    out[0] = 1.0
+    if n_max > 1:
+        out[1] = x
+    for n in range(1, n_max - 1):  # Bonnet: (n+1) P_{n+1} = (2n+1) x P_n − n P_{n−1}
+        out[n + 1] = ((2 * n + 1) * x * out[n] - n * out[n - 1]) / (n + 1)
+    return out
+
+
+def _laguerre_functions(n_max: int, r: np.ndarray) -> np.ndarray:
+    """Laguerre functions ``L_n(r)·e^{−r/2}`` (orthonormal on [0, ∞)): ``(n_max,) + r.shape``."""
+    out = np.empty((n_max,) + r.shape)
+    out[0] = np.exp(-r / 2)
+    if n_max > 1:
+        out[1] = (1 - r) * out[0]
+    # The recurrence is linear, so running it on the damped functions avoids overflow of L_n.
+    for n in range(1, n_max - 1):
+        out[n + 1] = ((2 * n + 1 - r) * out[n] - n * out[n - 1]) / (n + 1)
+    return out
+
+
+def basis(measure: str, N: int, t, *, elapsed: float | None = None) -> np.ndarray:
+    """The functions that :func:`reconstruct` combines: ``G (N,) + t.shape`` at delays ``t``.
+
+    ``u(now − t) ≈ Σ_n c_n G_n(t)``. LegS: ``√(2n+1)·P_n(1 − 2t/elapsed)`` on
+    ``[0, elapsed]``; LegT: ``√(2n+1)·P_n(1 − t)`` on ``[0, 2]``; LMU: ``P_n(2t − 1)`` on
+    ``[0, 1]``; LagT: ``L_n(t)·e^{−t/2}`` on ``[0, ∞)``; FouT in the layout
+    ``[c₀, s₀, c₁, s₁, …]``: ``1``, ``0``, ``√2·cos(πk t)``, ``√2·sin(πk t)`` on ``[0, 2]``.
+    Outside the measure's support the entries are NaN (there is no approximation there).
+
+    Args:
+      measure: one of :data:`PROJECT_MEASURES`.
+      N: number of coefficients.
+      t: delays (time before the coefficients' time, ODE units), any shape, ``≥ 0``.
+      elapsed: LegS only (required): the time the coefficients summarise, ``k·dt`` after
+        ``k`` samples. Scalar, or an array broadcasting against ``t``.
+
+    Returns:
+      float64 ``(N,) + broadcast(t, elapsed).shape``.
+    """
+    check_choice("measure", measure, PROJECT_MEASURES)
+    check_positive_int("N", N)
+    t = np.asarray(t, dtype=np.float64)
+    n = np.arange(N)
+    if measure == "legs":
+        if elapsed is None:
+            raise ValueError("measure 'legs' needs elapsed= (the time the coefficients cover)")
+        elapsed = np.asarray(elapsed, dtype=np.float64)
+        if np.any(~(elapsed > 0)):
+            raise ValueError("elapsed must be positive")
+        t, elapsed = np.broadcast_arrays(t, elapsed)
+        support = elapsed
+        x = 1 - 2 * t / elapsed
+        G = np.sqrt(2 * n + 1).reshape((N,) + (1,) * t.ndim) * _legendre(N, x)
+    elif measure in ("legt", "lmu"):
+        support = _WINDOW[measure]
+        if measure == "legt":
+            G = np.sqrt(2 * n + 1).reshape((N,) + (1,) * t.ndim) * _legendre(N, 1 - t)
+        else:
+            G = _legendre(N, 2 * t - 1)
+    elif measure == "lagt":
+        support = np.inf
+        G = _laguerre_functions(N, np.maximum(t, 0.0))
+    else:  # fout
+        support = _WINDOW[measure]
+        k = (n // 2).reshape((N,) + (1,) * t.ndim)
+        phase = np.pi * k * t
+        G = np.where(
+            (n % 2 == 0).reshape(k.shape), np.sqrt(2) * np.cos(phase), np.sqrt(2) * np.sin(phase)
+        )
+        G[0] = 1.0
+        if N > 1:
+            G[1] = 0.0
+    outside = (t < 0) | (t > support)
+    return np.where(outside, np.nan, G)
+
+
+def reconstruct(coeffs, measure: str, t, *, elapsed: float | None = None) -> np.ndarray:
+    """Rebuild the signal history from HiPPO coefficients: ``u(now − t) ≈ Σ_n c_n G_n(t)``.
+
+    The inverse of :func:`project` on the measure's support (see :func:`basis` for the
+    functions): ``t`` are delays back from the coefficients' time, in ODE units, so sample
+    ``u[k − j]`` sits at delay ``j·dt`` from ``coeffs[k]``. Delays outside the support (beyond
+    the window for LegT/LMU/FouT, beyond ``elapsed`` for LegS) give NaN, which plots as a gap.
+
+    Args:
+      coeffs: ``(..., N)``, e.g. one row ``(N,)`` or a whole trajectory ``(L, N)``.
+      measure: one of :data:`PROJECT_MEASURES`.
+      t: delays ``(T,)`` (any shape; one-dimensional is the common case).
+      elapsed: LegS only: time covered by the coefficients, a scalar or an array broadcasting
+        against ``coeffs.shape[:-1]`` (``(k+1)·dt`` for ``coeffs[k]``).
+
+    Returns:
+      float64 ``coeffs.shape[:-1] + t.shape``.
+
+    Example::
+
+      c = project(u, "legs", 32, dt=1.0)                              # (L, 32)
+      L = len(u)
+      u_hat = reconstruct(c[-1], "legs", np.arange(L), elapsed=L)[::-1]  # ≈ u, oldest first
+      plt.plot(u); plt.plot(u_hat)
+    """
+    coeffs = np.asarray(coeffs, dtype=np.float64)
+    if coeffs.ndim < 1:
+        raise ValueError(f"coeffs must have shape (..., N); got {coeffs.shape}")
+    N = coeffs.shape[-1]
+    t = np.asarray(t, dtype=np.float64)
+    lead = coeffs.shape[:-1]
+    if measure == "legs" and elapsed is not None:
+        # Give every coefficient row its own window: elapsed aligned with the leading axes.
+        elapsed = np.broadcast_to(np.asarray(elapsed, dtype=np.float64), lead)
+        G = basis(measure, N, t, elapsed=elapsed.reshape(lead + (1,) * t.ndim))
+        G = np.moveaxis(G, 0, -1)  # lead + t.shape + (N,)
+        return np.sum(coeffs.reshape(lead + (1,) * t.ndim + (N,)) * G, axis=-1)
+    G = basis(measure, N, t, elapsed=elapsed)  # (N,) + t.shape
+    return np.tensordot(coeffs, G, axes=([-1], [0]))

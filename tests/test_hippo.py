@@ -10,10 +10,14 @@ from ssmix import hippo
 from ssmix.hippo import (
     MEASURES,
     NPLR_MEASURES,
+    basis,
     diag_init,
     dt_init,
     nplr,
+    project,
     rank_correction,
+    reconstruct,
+    transfer_function,
     transition,
 )
 
@@ -244,3 +248,151 @@ def test_dt_init_log_uniform():
     assert abs(logs.mean() + 2.0) < 0.05
     np.testing.assert_allclose(np.quantile(logs, [0.25, 0.75]), [-2.5, -1.5], atol=0.06)
     assert dt_init(jax.random.key(0), 3).shape == (3,)
+
+
+# ---------------------------------------------------------------- transfer functions
+
+
+def test_transfer_function_scalar_and_shapes():
+    omega = np.array([-3.0, 0.0, 2.5])
+    H = transfer_function(np.array([-1.0]), np.array([1.0]), np.array([2.0]), omega)
+    np.testing.assert_allclose(H, 2.0 / (1j * omega + 1.0), rtol=1e-6)
+    A, B = transition("legs", 6)
+    H = transfer_function(A, np.stack([B, B], 1), np.ones((3, 6)), np.zeros((4, 5)))
+    assert H.shape == (4, 5, 3, 2)
+    H = transfer_function(np.diag(A), B, np.ones(6), np.ones(7))
+    assert H.shape == (7,)
+
+
+def test_transfer_function_dense_matches_diagonal(x64):
+    # LegSD is normal: its half NPLR diagonalisation must give the same response as the
+    # dense matrix once the conjugate modes are added back.
+    N = 16
+    A, B = transition("legsd", N)
+    C = np.cos(np.arange(N))
+    Lambda, _, Bt, V = nplr("legsd", N)
+    omega = np.linspace(-60, 60, 101)
+    dense = transfer_function(A, B, C, omega)
+    diag = transfer_function(Lambda, Bt, C @ V, omega, conj_symmetric=True)
+    np.testing.assert_allclose(diag, dense, rtol=1e-10, atol=1e-12)
+    # MIMO: each (output, input) entry is the SISO response.
+    H = transfer_function(A, np.stack([B, 2 * B], 1), np.stack([C, -C]), omega)
+    np.testing.assert_allclose(H[:, 1, 1], -2 * dense, rtol=1e-12)
+
+
+def test_transfer_function_errors():
+    A, B = transition("legs", 4)
+    with pytest.raises(ValueError, match="A must have shape"):
+        transfer_function(np.ones((4, 3)), B, B, [0.0])
+    with pytest.raises(ValueError, match="B must have shape"):
+        transfer_function(A, np.ones(3), B, [0.0])
+    with pytest.raises(ValueError, match="C must have shape"):
+        transfer_function(A, B, np.ones((2, 3)), [0.0])
+    with pytest.raises(ValueError, match="conj_symmetric"):
+        transfer_function(A, B, B, [0.0], conj_symmetric=True)
+    with pytest.raises(ValueError, match="omega must be real"):
+        transfer_function(A, B, B, np.array([1j]))
+
+
+# ---------------------------------------------------------------- online function approximation
+
+
+def _signal(L):
+    t = np.linspace(0.0, 6.0, L)
+    return np.sin(3 * t) + 0.5 * np.cos(7.3 * t + 0.4) + 0.3 * np.sin(1.1 * t)
+
+
+def _reconstruction_error(measure, N, L=1200, W=400):
+    u = _signal(L)
+    if measure == "legs":
+        c = project(u, "legs", N, dt=1.0)
+        u_hat = reconstruct(c[-1], "legs", np.arange(L), elapsed=L)[::-1]
+        ref = u
+    else:
+        # Window of W samples for the translated measures; LagT sees 20 time units.
+        dt = 0.05 if measure == "lagt" else {"legt": 2.0, "fout": 2.0}[measure] / W
+        c = project(u, measure, N, dt)
+        u_hat = reconstruct(c[-1], measure, dt * np.arange(W))[::-1]
+        ref = u[-W:]
+    return np.linalg.norm(u_hat - ref) / np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize(
+    "measure, sizes, final",
+    [
+        ("legs", (4, 8, 16, 32), 0.02),
+        ("legt", (2, 4, 8, 16), 1e-3),
+        ("fout", (4, 8, 16, 32), 0.1),
+        ("lagt", (8, 32, 64), 0.02),
+    ],
+)
+def test_reconstruction_error_falls_with_N(measure, sizes, final):
+    errs = [_reconstruction_error(measure, N) for N in sizes]
+    assert all(b < a for a, b in zip(errs, errs[1:], strict=False)), errs
+    assert errs[-1] < final, errs
+
+
+def test_project_shapes_batch_and_lmu_matches_legt():
+    u = _signal(300)
+    c = project(u, "legt", 8, 0.01)
+    assert c.shape == (300, 8) and c.dtype == np.float64
+    cb = project(np.stack([u, -2 * u]), "legt", 8, 0.01)
+    assert cb.shape == (2, 300, 8)
+    np.testing.assert_allclose(cb[1], -2 * c, rtol=1e-12, atol=1e-14)
+    # LegT (window 2) and LMU (window 1) describe the same memory: x_legt = S⁻¹ y_lmu.
+    n = np.arange(8)
+    y = project(u, "lmu", 8, 0.005)
+    np.testing.assert_allclose(c * (-1.0) ** n * np.sqrt(2 * n + 1), y, rtol=1e-8, atol=1e-12)
+    # LegS does not depend on dt.
+    np.testing.assert_allclose(project(u, "legs", 8, 0.3), project(u, "legs", 8, 7.0))
+
+
+def test_reconstruct_shapes_support_and_trajectory():
+    u = _signal(200)
+    c = project(u, "legs", 16, 1.0)
+    t = np.arange(50.0)
+    # A whole trajectory at once: row k covers k+1 samples.
+    traj = reconstruct(c, "legs", t, elapsed=np.arange(1, 201))
+    assert traj.shape == (200, 50)
+    np.testing.assert_allclose(traj[-1], reconstruct(c[-1], "legs", t, elapsed=200.0))
+    np.testing.assert_allclose(traj[99], reconstruct(c[99], "legs", t, elapsed=100.0))
+    assert np.all(np.isnan(traj[10, 12:])) and np.all(np.isfinite(traj[10, :11]))
+    out = reconstruct(project(u, "legt", 8, 0.01)[-1], "legt", [0.0, 1.0, 2.0, 2.5])
+    assert np.isfinite(out[:3]).all() and np.isnan(out[3])
+    assert reconstruct(np.zeros((3, 4, 8)), "lagt", np.ones(6)).shape == (3, 4, 6)
+
+
+def test_basis_orthonormal():
+    # Each basis is orthonormal under its measure (midpoint quadrature).
+    r = (np.arange(20000) + 0.5) / 20000
+    for measure, width, weight in (("legt", 2.0, 0.5), ("fout", 2.0, 0.5), ("lmu", 1.0, None)):
+        t = width * r
+        G = basis(measure, 6, t)
+        if measure == "fout":
+            G = G[[0, 2, 3, 4, 5]]  # s₀ is identically zero
+        gram = G @ G.T * (width / len(t)) * (weight or 1.0)
+        if measure == "lmu":
+            gram = gram * (2 * np.arange(6) + 1)[:, None]  # LMU's P_n are unnormalised
+        np.testing.assert_allclose(gram, np.eye(len(G)), atol=1e-6)
+    t = 60.0 * r
+    G = basis("lagt", 6, t)
+    np.testing.assert_allclose(G @ G.T * (60.0 / len(t)), np.eye(6), atol=1e-5)
+    G = basis("legs", 6, 3.0 * r, elapsed=3.0)
+    np.testing.assert_allclose(G @ G.T / len(r), np.eye(6), atol=1e-6)
+
+
+def test_projection_errors():
+    with pytest.raises(ValueError, match="measure must be one of"):
+        project(np.ones(4), "foud", 4, 0.1)
+    with pytest.raises(ValueError, match="dt must be"):
+        project(np.ones(4), "legt", 4, 0.0)
+    with pytest.raises(ValueError, match="u must have shape"):
+        project(np.ones((2, 2, 2)), "legt", 4, 0.1)
+    with pytest.raises(ValueError, match="positive integer"):
+        project(np.ones(4), "legt", 0, 0.1)
+    with pytest.raises(ValueError, match="elapsed"):
+        reconstruct(np.ones(4), "legs", [0.0])
+    with pytest.raises(ValueError, match="elapsed must be positive"):
+        reconstruct(np.ones(4), "legs", [0.0], elapsed=0.0)
+    with pytest.raises(ValueError, match="coeffs"):
+        reconstruct(np.float64(1.0), "legt", [0.0])
