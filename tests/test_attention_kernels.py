@@ -67,7 +67,8 @@ def _softmax_direct(q, k, v, causal, mask):
 
 
 # Each combination compiles several kernels and their gradients; these cover float64 and
-# float32, causal and not, masked and not, within the test-time budget.
+# float32, causal and not, masked and not, and cross-attention (Lq ≠ Lk, dv ≠ d) within the
+# test-time budget.
 _COMBOS = [("float64", False, True), ("float64", True, False), ("float32", True, True)]
 
 
@@ -78,9 +79,11 @@ def test_softmax_blocked_matches_reference(dtype, causal, masked):
 
 
 def _check_softmax_blocked(float_dtype, causal, masked):
-    b, h, n, d = 2, 2, 13, 5
-    q, k, v = (_normal(i, (b, h, n, d), float_dtype) for i in range(3))
-    mask = _lengths_mask([9, 13], n) if masked else None
+    b, h, lk, d = 2, 2, 13, 5
+    lq, dv = (lk, d) if causal else (7, 6)
+    q = _normal(0, (b, h, lq, d), float_dtype)
+    k, v = _normal(1, (b, h, lk, d), float_dtype), _normal(2, (b, h, lk, dv), float_dtype)
+    mask = _lengths_mask([9, 13], lk) if masked else None
     impls = {
         "reference": lambda q, k, v: softmax_attention(q, k, v, causal=causal, mask=mask),
         "blocked": lambda q, k, v: softmax_attention(
@@ -89,27 +92,10 @@ def _check_softmax_blocked(float_dtype, causal, masked):
     }
     check_equivalent(_jit_all(impls), q, k, v)
     if float_dtype == jnp.float64:
-        assert_close(_softmax_direct(q, k, v, causal, mask), impls["reference"](q, k, v))
-
-
-def test_softmax_cross_attention_lengths(x64):
-    q = _normal(0, (1, 3, 7, 4))
-    k, v = _normal(1, (1, 3, 10, 4)), _normal(2, (1, 3, 10, 6))
-    mask = _lengths_mask([8], 10)
-    check_equivalent(
-        _jit_all(
-            {
-                "reference": lambda q, k, v: softmax_attention(q, k, v, mask=mask),
-                "blocked": lambda q, k, v: softmax_attention(q, k, v, mask=mask, block_size=3),
-            }
-        ),
-        q,
-        k,
-        v,
-    )
-    assert_close(_softmax_direct(q, k, v, False, mask), softmax_attention(q, k, v, mask=mask))
-    w = softmax_attention_weights(q, k, mask=mask)
-    assert_close(jnp.einsum("bhqk,bhkc->bhqc", w, v), softmax_attention(q, k, v, mask=mask))
+        ref = impls["reference"](q, k, v)
+        assert_close(_softmax_direct(q, k, v, causal, mask), ref)
+        w = softmax_attention_weights(q, k, causal=causal, mask=mask)
+        assert_close(ref, jnp.einsum("bhqk,bhkc->bhqc", w, v))
 
 
 @pytest.mark.parametrize("block_size", [None, 3])

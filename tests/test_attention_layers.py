@@ -1,4 +1,9 @@
-"""Attention layers: every form agrees with the materialized mixing weights; masks; errors."""
+"""Attention layers: every form agrees with the materialized mixing weights; masks; errors.
+
+Gradient equivalence of the kernels is tested in test_attention_kernels.py; here the forms are
+compared on outputs (the layers only add linear projections), and parameter gradients are
+checked to be finite with padding.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +50,7 @@ def test_attention_forms_agree():
         "blocked": lambda x: blocked(x, MASK),
     }
     impls = {k: jax.jit(f) for k, f in impls.items()}
-    check_equivalent(impls, _x())
+    check_equivalent(impls, _x(), grads=False)
     _assert_padding_has_no_influence(impls["blocked"], _x())
 
 
@@ -60,7 +65,7 @@ def test_kronecker_attention_matches_materialized(variant, grid):
 
     impls = {"materialized": materialized, "layer": lambda x: layer(x, MASK)}
     impls = {k: jax.jit(f) for k, f in impls.items()}
-    check_equivalent(impls, _x())
+    check_equivalent(impls, _x(), grads=False)
     _assert_padding_has_no_influence(impls["layer"], _x())
 
 
@@ -89,7 +94,7 @@ def test_tensor_attention_forms_agree(methods, options):
     impls = {"materialized": _tensor_materialized(layers[methods[0]])}
     impls.update({m: (lambda x, lay=lay: lay(x, MASK)) for m, lay in layers.items()})
     impls = {k: jax.jit(f) for k, f in impls.items()}
-    check_equivalent(impls, _x())
+    check_equivalent(impls, _x(), grads=False)
     _assert_padding_has_no_influence(impls[methods[-1]], _x())
 
 

@@ -82,18 +82,32 @@ def _default_scale(scale: float | None, d: int) -> float:
     return float(scale)
 
 
-def _masked_softmax(s: jax.Array, valid: jax.Array) -> jax.Array:
-    """Softmax over the last axis restricted to ``valid``; rows with no valid entry give 0.
+def _softmax_parts(s: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Unnormalised softmax over the last axis restricted to ``valid`` (None: all valid).
 
-    Invalid scores are replaced before ``exp`` (not only after) so that neither the value nor
-    the gradient can see an overflow there.
+    Returns ``e = exp(s − max)`` (0 where invalid) and its row sums ``z`` (keepdims; 0 for a
+    row without a valid entry). Invalid scores are replaced before ``exp`` (not only after) so
+    that neither the value nor the gradient can see an overflow there. Callers normalise
+    after contracting with the values (:func:`_normalise`): one pass less over the scores.
     """
-    s_valid = jnp.where(valid, s, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(s_valid, axis=-1, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.where(valid, jnp.exp(jnp.where(valid, s, m) - m), 0.0)
-    z = jnp.sum(e, axis=-1, keepdims=True)
-    return e / jnp.where(z > 0, z, 1.0)
+    if valid is None:
+        m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+        e = jnp.exp(s - m)
+    else:
+        m = jax.lax.stop_gradient(jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1, keepdims=True))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        e = jnp.where(valid, jnp.exp(jnp.where(valid, s, m) - m), 0.0)
+    return e, jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _normalise(o: jax.Array, z: jax.Array) -> jax.Array:
+    """Divide by the softmax row sums; rows without a valid entry (z = 0) stay 0."""
+    return o / jnp.where(z > 0, z, 1.0)
+
+
+def _masked_softmax(s: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """Softmax over the last axis restricted to ``valid``; rows with no valid entry give 0."""
+    return _normalise(*_softmax_parts(s, valid))
 
 
 def _online_update(carry, s, valid, axes, weighted_values):
@@ -166,7 +180,9 @@ def _validate_softmax(q, k, v, causal, mask):
 
 
 def _softmax_valid(lq, lk, causal, mask):
-    """Validity ``(B or 1, 1, Lq or 1, Lk)`` from the key mask and causality."""
+    """Validity ``(B or 1, 1, Lq or 1, Lk)`` from the key mask and causality; None if all."""
+    if mask is None and not causal:
+        return None
     valid = jnp.ones((1, 1, 1, lk), bool)
     if mask is not None:
         valid = valid & mask[:, None, None, :]
@@ -191,7 +207,7 @@ def softmax_attention_weights(
     _validate_softmax(q, k, k, causal, mask)
     dtype = _compute_dtype(q, k)
     scale = _default_scale(scale, q.shape[-1])
-    s = jnp.einsum("bhqd,bhkd->bhqk", q.astype(dtype), k.astype(dtype)) * scale
+    s = jnp.einsum("bhqd,bhkd->bhqk", q.astype(dtype) * scale, k.astype(dtype))
     w = _masked_softmax(s, _softmax_valid(q.shape[2], k.shape[2], causal, mask))
     return w.astype(jnp.result_type(q, k))
 
@@ -222,15 +238,16 @@ def softmax_attention(
     out_dtype = jnp.result_type(q, k, v)
     dtype = _compute_dtype(q, k, v)
     scale = _default_scale(scale, q.shape[-1])
-    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    # The scale goes on q (Lq·d entries), not on the Lq × Lk scores.
+    q, k, v = q.astype(dtype) * scale, k.astype(dtype), v.astype(dtype)
     if block_size is None:
-        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
-        w = _masked_softmax(s, _softmax_valid(q.shape[2], k.shape[2], causal, mask))
-        return jnp.einsum("bhqk,bhkc->bhqc", w, v).astype(out_dtype)
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        e, z = _softmax_parts(s, _softmax_valid(q.shape[2], k.shape[2], causal, mask))
+        return _normalise(jnp.einsum("bhqk,bhkc->bhqc", e, v), z).astype(out_dtype)
     check_positive_int("block_size", block_size)
     kmask = jnp.ones((1, k.shape[2]), bool) if mask is None else mask
     block = min(block_size, k.shape[2])
-    return _flash(q, k, v, kmask, causal, block, scale).astype(out_dtype)
+    return _flash(q, k, v, kmask, causal, block).astype(out_dtype)
 
 
 def _flash_scan_inputs(k, v, kmask, block):
@@ -249,18 +266,19 @@ def _flash_block_valid(lq, causal, mb, ib):
     return valid
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, kmask, causal, block, scale):
-    return _flash_fwd(q, k, v, kmask, causal, block, scale)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, kmask, causal, block):
+    """Blocked online-softmax attention of pre-scaled queries (see :func:`softmax_attention`)."""
+    return _flash_fwd(q, k, v, kmask, causal, block)[0]
 
 
-def _flash_fwd(q, k, v, kmask, causal, block, scale):
+def _flash_fwd(q, k, v, kmask, causal, block):
     b, h, lq, _ = q.shape
     dv = v.shape[-1]
 
     def body(carry, xs):
         kb, vb, mb, ib = xs
-        s = jnp.einsum("bhqd,bhkd->bhqk", q, kb) * scale
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, kb)
         valid = _flash_block_valid(lq, causal, mb, ib)
         carry = _online_update(
             carry, s, valid, (-1,), lambda p: jnp.einsum("bhqk,bhkc->bhqc", p, vb)
@@ -277,21 +295,21 @@ def _flash_fwd(q, k, v, kmask, causal, block, scale):
     return o, (q, k, v, kmask, o, lse)
 
 
-def _flash_bwd(causal, block, scale, res, do):
+def _flash_bwd(causal, block, res, do):
     q, k, v, kmask, o, lse = res
     lq, lk = q.shape[2], k.shape[2]
     delta = jnp.sum(do * o, axis=-1)  # (B, H, Lq)
 
     def body(dq, xs):
         kb, vb, mb, ib = xs
-        s = jnp.einsum("bhqd,bhkd->bhqk", q, kb) * scale
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, kb)
         valid = _flash_block_valid(lq, causal, mb, ib)
         lse_b = lse[..., None]
         p = jnp.where(valid, jnp.exp(jnp.where(valid, s, lse_b) - lse_b), 0.0)
         dv_b = jnp.einsum("bhqk,bhqc->bhkc", p, do)
         ds = p * (jnp.einsum("bhqc,bhkc->bhqk", do, vb) - delta[..., None])
-        dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds, kb) * scale
-        dk_b = jnp.einsum("bhqk,bhqd->bhkd", ds, q) * scale
+        dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds, kb)
+        dk_b = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
         return dq, (dk_b, dv_b)
 
     dq, (dk, dv) = jax.lax.scan(body, jnp.zeros_like(q), _flash_scan_inputs(k, v, kmask, block))
@@ -364,15 +382,15 @@ def _kao_prepare(x, variant, num_heads, scale, keys, values, mask):
             )
     weights = None if mask is None else mask.astype(dtype)
     ck, valid = _modal_means(keys, weights)
-    scale = _default_scale(scale, x.shape[-1] // num_heads)
+    x = x * _default_scale(scale, x.shape[-1] // num_heads)
     kh = _split_heads(ck, num_heads)  # (B, H, S, dh)
     if variant == "kv":
         qh = _split_heads(x.reshape(x.shape[0], -1, x.shape[-1]), num_heads)  # (B,H,N,dh)
     else:
         qh = _split_heads(_modal_means(x, weights)[0], num_heads)  # (B, H, S, dh)
-    s = jnp.einsum("bhqd,bhkd->bhqk", qh, kh) * scale
-    w = _masked_softmax(s, valid[:, None, None, :])  # (B, H, N or S, S)
-    return grid, dtype, weights, values, w
+    s = jnp.einsum("bhqd,bhkd->bhqk", qh, kh)  # (B, H, N or S, S)
+    valid = None if weights is None else valid[:, None, None, :]
+    return grid, dtype, weights, values, s, valid
 
 
 def _kao_spread(o: jax.Array, grid: tuple[int, ...]) -> jax.Array:
@@ -421,10 +439,13 @@ def kao(
     positions never influence valid outputs.
     """
     out_dtype = jnp.result_type(x, x if keys is None else keys, x if values is None else values)
-    grid, dtype, weights, values, w = _kao_prepare(x, variant, num_heads, scale, keys, values, mask)
+    grid, _, weights, values, s, valid = _kao_prepare(
+        x, variant, num_heads, scale, keys, values, mask
+    )
     cv, _ = _modal_means(values, weights)
     vh = _split_heads(cv, num_heads)  # (B, H, S, dvh)
-    o = jnp.einsum("bhqk,bhkc->bhqc", w, vh)
+    e, z = _softmax_parts(s, valid)
+    o = _normalise(jnp.einsum("bhqk,bhkc->bhqc", e, vh), z)
     if variant == "kv":
         o = o.reshape(o.shape[:2] + grid + o.shape[-1:])
     else:
@@ -452,7 +473,8 @@ def kao_mixing_matrix(
     row/column spreading (QKV). Arguments as in :func:`kao`; O(N²) memory (small grids only).
     """
     out_dtype = jnp.result_type(x, x if keys is None else keys)
-    grid, dtype, weights, _, w = _kao_prepare(x, variant, num_heads, scale, keys, None, mask)
+    grid, dtype, weights, _, s, valid = _kao_prepare(x, variant, num_heads, scale, keys, None, mask)
+    w = _masked_softmax(s, valid)
     b, n = x.shape[0], math.prod(grid)
     wgt = jnp.ones((b,) + grid, dtype) if weights is None else weights
     # avg[b, s, p]: weight of position p in summary s (mode means over valid positions).
@@ -546,8 +568,8 @@ def tensor_attention_weights(
     out_dtype = jnp.result_type(q, k1, k2)
     dtype = _compute_dtype(q, k1, k2)
     scale = _default_scale(scale, d)
-    q, k1, k2 = q.astype(dtype), k1.astype(dtype), k2.astype(dtype)
-    s = jnp.einsum("bld,bid,bjd->blij", q, k1, k2) * scale
+    q, k1, k2 = q.astype(dtype) * scale, k1.astype(dtype), k2.astype(dtype)
+    s = jnp.einsum("bld,bid,bjd->blij", q, k1, k2)
     m = jnp.ones((1, n), bool) if mask is None else mask
     idx = jnp.arange(n)
     valid = _pair_valid(n, causal, w1, w2, m, m, idx, idx)
@@ -618,18 +640,18 @@ def tensor_attention(
     kmask = jnp.ones((1, n), bool) if mask is None else mask
 
     if method == "naive":
-        out = _tensor_naive(q, k1, k2, v1, v2, kmask, scale, causal, w1, w2)
+        out = _tensor_naive(q * scale, k1, k2, v1, v2, kmask, causal, w1, w2)
     elif method == "blocked":
         bi, bj = _pair_block(block_size)
         out = _tensor_blocked(
-            q, k1, k2, v1, v2, kmask, scale, causal, w1, w2, min(bi, n), min(bj, n)
+            q * scale, k1, k2, v1, v2, kmask, causal, w1, w2, min(bi, n), min(bj, n)
         )
     elif method == "simplicial":
         if not causal:
             raise ValueError("method='simplicial' is causal by definition; pass causal=True")
         block = _DEFAULT_WINDOW_BLOCK if block_size is None else block_size
         check_positive_int("block_size", block)
-        out = _tensor_simplicial(q, k1, k2, v1, v2, kmask, scale, w1 or n, w2 or n, block)
+        out = _tensor_simplicial(q * scale, k1, k2, v1, v2, kmask, w1 or n, w2 or n, block)
     else:
         _check_degree(degree)
         if w1 is not None or w2 is not None:
@@ -660,16 +682,17 @@ def _check_degree(degree) -> None:
         )
 
 
-def _tensor_naive(q, k1, k2, v1, v2, kmask, scale, causal, w1, w2):
+def _tensor_naive(q, k1, k2, v1, v2, kmask, causal, w1, w2):
+    """Attention over the n² pair keys; ``q`` is pre-scaled."""
     b, n, d = q.shape
     pair_k = (k1[:, :, None, :] * k2[:, None, :, :]).reshape(b, n * n, d)
     pair_v = (v1[:, :, None, :] * v2[:, None, :, :]).reshape(b, n * n, -1)
-    s = jnp.einsum("bld,bpd->blp", q, pair_k) * scale
+    s = jnp.einsum("bld,bpd->blp", q, pair_k)
     idx = jnp.arange(n)
     valid = _pair_valid(n, causal, w1, w2, kmask, kmask, idx, idx)
     valid = jnp.broadcast_to(valid, (valid.shape[0], n, n, n)).reshape(-1, n, n * n)
-    w = _masked_softmax(s, valid)
-    return jnp.einsum("blp,bpc->blc", w, pair_v)
+    e, z = _softmax_parts(s, valid)
+    return _normalise(jnp.einsum("blp,bpc->blc", e, pair_v), z)
 
 
 # -- blocked (exact, hand-written backward)
@@ -692,12 +715,13 @@ def _tensor_block_inputs(k1, k2, v1, v2, kmask, bi, bj):
     return side1, side2
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
-def _tensor_blocked(q, k1, k2, v1, v2, kmask, scale, causal, w1, w2, bi, bj):
-    return _tensor_blocked_fwd(q, k1, k2, v1, v2, kmask, scale, causal, w1, w2, bi, bj)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _tensor_blocked(q, k1, k2, v1, v2, kmask, causal, w1, w2, bi, bj):
+    """Exact tensor attention by pair blocks with online softmax; ``q`` is pre-scaled."""
+    return _tensor_blocked_fwd(q, k1, k2, v1, v2, kmask, causal, w1, w2, bi, bj)[0]
 
 
-def _tensor_blocked_fwd(q, k1, k2, v1, v2, kmask, scale, causal, w1, w2, bi, bj):
+def _tensor_blocked_fwd(q, k1, k2, v1, v2, kmask, causal, w1, w2, bi, bj):
     b, n, _ = q.shape
     dv = v1.shape[-1]
     side1, side2 = _tensor_block_inputs(k1, k2, v1, v2, kmask, bi, bj)
@@ -708,7 +732,7 @@ def _tensor_blocked_fwd(q, k1, k2, v1, v2, kmask, scale, causal, w1, w2, bi, bj)
 
         def inner(carry, xs2):
             k2b, v2b, m2, j_idx = xs2
-            s = jnp.einsum("blid,bjd->blij", qk1, k2b) * scale
+            s = jnp.einsum("blid,bjd->blij", qk1, k2b)
             valid = _pair_valid(n, causal, w1, w2, m1, m2, i_idx, j_idx)
 
             def weighted_values(p):
@@ -729,7 +753,7 @@ def _tensor_blocked_fwd(q, k1, k2, v1, v2, kmask, scale, causal, w1, w2, bi, bj)
     return o, (q, k1, k2, v1, v2, kmask, o, lse)
 
 
-def _tensor_blocked_bwd(scale, causal, w1, w2, bi, bj, res, do):
+def _tensor_blocked_bwd(causal, w1, w2, bi, bj, res, do):
     q, k1, k2, v1, v2, kmask, o, lse = res
     n = q.shape[1]
     delta = jnp.sum(do * o, axis=-1)  # (B, n)
@@ -745,14 +769,14 @@ def _tensor_blocked_bwd(scale, causal, w1, w2, bi, bj, res, do):
         def inner(carry, xs2):
             dq, dk1b, dv1b = carry
             k2b, v2b, m2, j_idx = xs2
-            s = jnp.einsum("blid,bjd->blij", qk1, k2b) * scale
+            s = jnp.einsum("blid,bjd->blij", qk1, k2b)
             valid = _pair_valid(n, causal, w1, w2, m1, m2, i_idx, j_idx)
             p = jnp.where(valid, jnp.exp(jnp.where(valid, s, lse_b) - lse_b), 0.0)
             ds = p * (jnp.einsum("blic,bjc->blij", dov1, v2b) - delta[:, :, None, None])
-            t = jnp.einsum("blij,bjd->blid", ds, k2b) * scale  # Σ_j dS k2_j
+            t = jnp.einsum("blij,bjd->blid", ds, k2b)  # Σ_j dS k2_j
             dq = dq + jnp.einsum("blid,bid->bld", t, k1b)
             dk1b = dk1b + jnp.einsum("blid,bld->bid", t, q)
-            dk2b = jnp.einsum("blij,blid->bjd", ds, qk1) * scale
+            dk2b = jnp.einsum("blij,blid->bjd", ds, qk1)
             pv2 = jnp.einsum("blij,bjc->blic", p, v2b)
             dv1b = dv1b + jnp.einsum("blic,blc->bic", pv2, do)
             dv2b = jnp.einsum("blij,blic->bjc", p, dov1)
@@ -790,7 +814,8 @@ def _windows(x: jax.Array, w: int, total: int) -> jax.Array:
     return jnp.where(inside, xp[:, idx], jnp.zeros((), x.dtype))
 
 
-def _tensor_simplicial(q, k1, k2, v1, v2, kmask, scale, w1, w2, block):
+def _tensor_simplicial(q, k1, k2, v1, v2, kmask, w1, w2, block):
+    """Causal windowed tensor attention, online softmax over the k2 window; ``q`` pre-scaled."""
     b, n, _ = q.shape
     dv = v1.shape[-1]
     w1, w2 = min(w1, n), min(w2, n)
@@ -805,7 +830,7 @@ def _tensor_simplicial(q, k1, k2, v1, v2, kmask, scale, w1, w2, block):
     @partial(jax.checkpoint, prevent_cse=False)
     def body(carry, xs):
         k2b, v2b, m2b = xs  # (B, n, block, ·)
-        s = jnp.einsum("blad,blcd->blac", qk1, k2b) * scale
+        s = jnp.einsum("blad,blcd->blac", qk1, k2b)
         valid = m1w[:, :, :, None] & m2b[:, :, None, :]
 
         def weighted_values(p):
