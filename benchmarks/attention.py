@@ -154,7 +154,7 @@ def bench_tensor(ns, approx_ns, d: int) -> None:
     print(f"{'n':>6} {'time ms':>10}")
     a_times = []
     for n in approx_ns:
-        t = median_time(methods["approx"], *tensor_inputs(n, d), reps=5)
+        t = median_time(methods["approx"], *tensor_inputs(n, d), reps=9)
         a_times.append(t)
         print(f"{n:>6} {t * 1e3:>10.3f}", flush=True)
     print(

@@ -383,7 +383,9 @@ def test_tensor_approx_error_falls_with_degree_within_bound(x64):
     exact = jax.jit(partial(tensor_attention, method="naive"))(*args)
     errors = []
     for degree in (2, 4, 6):
-        got = jax.jit(partial(tensor_attention, method="approx", degree=degree))(*args)
+        # Chunks of 5 positions: several chunks and a padded last one.
+        approx = partial(tensor_attention, method="approx", degree=degree, block_size=5)
+        got = jax.jit(approx)(*args)
         err = np.abs(np.asarray(got - exact))
         eps, out_bound = tensor_attention_error_bound(*args, degree=degree)
         assert np.all(np.asarray(eps) < 1)
@@ -393,13 +395,17 @@ def test_tensor_approx_error_falls_with_degree_within_bound(x64):
 
 
 def test_tensor_approx_matches_naive_masked_and_causal(x64):
-    """Small entries make the Taylor remainder negligible: structure (mask, causal) is exact."""
+    """Small entries make the Taylor remainder negligible: structure (mask, causal) is exact.
+
+    Chunks of 4 positions: the causal prefix sums cross chunk boundaries and a padded chunk.
+    """
     args = _tensor_inputs(9, d=3, bound=0.2)
     mask = _lengths_mask([6, 9], 9)
-    f = lambda method: (
-        lambda *a: tensor_attention(*a, method=method, causal=True, mask=mask, degree=4)
+    f = lambda method, **kw: (
+        lambda *a: tensor_attention(*a, method=method, causal=True, mask=mask, degree=4, **kw)
     )
-    check_equivalent(_jit_all({"naive": f("naive"), "approx": f("approx")}), *args, ratio=1e-9)
+    impls = {"naive": f("naive"), "approx": f("approx", block_size=4)}
+    check_equivalent(_jit_all(impls), *args, ratio=1e-9)
 
 
 def test_tensor_approx_default_degree_meets_target(x64):

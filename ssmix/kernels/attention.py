@@ -46,9 +46,11 @@ TENSOR_METHODS = ("naive", "blocked", "simplicial", "approx")
 KAO_VARIANTS = ("kv", "qkv")
 
 # Default blocks of the tensor-attention kernels: 8 × 128 key pairs per online-softmax step of
-# "blocked", 64 offsets of the k2 window per step of "simplicial" (benchmarks/attention.py).
+# "blocked", 64 offsets of the k2 window per step of "simplicial", 256 positions per chunk of
+# "approx" (benchmarks/attention.py).
 _DEFAULT_PAIR_BLOCK = (8, 128)
 _DEFAULT_WINDOW_BLOCK = 64
+_DEFAULT_APPROX_CHUNK = 256
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -618,8 +620,10 @@ def tensor_attention(
     - ``"approx"``: replaces ``exp(x)`` by its Taylor polynomial ``T_p(x) = Σ_{m≤p} x^m/m!`` of
       even ``degree`` p. Because ``x`` is trilinear, ``x^m`` factorises into monomial features
       of q, k1 and k2 of degree m, so sums over i and j separate: O(n·D·dv) time with
-      ``D = C(d + p, p)`` features (near-linear in n for fixed d and p). ``causal`` is supported
-      (prefix sums, O(B·n·D·dv) memory); windows are not.
+      ``D = C(d + p, p)`` features (linear in n for fixed d and p). The sequence is scanned in
+      chunks of ``block_size`` positions (int, default 256), so the forward pass needs
+      O(B·D·(block_size + dv)) memory. ``causal`` is supported (prefix sums within a chunk on
+      top of the running sums, O(B·D·dv·block_size)); windows are not.
 
     Error of ``"approx"`` (see :func:`tensor_attention_error_bound`): if every score satisfies
     ``|x| ≤ R`` (guaranteed by ``R = scale · Σ_k max_l|q_lk| · max_i|k1_ik| · max_j|k2_jk|``),
@@ -656,7 +660,9 @@ def tensor_attention(
         _check_degree(degree)
         if w1 is not None or w2 is not None:
             raise ValueError("method='approx' does not support windows w1, w2")
-        out = _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree)
+        chunk = _DEFAULT_APPROX_CHUNK if block_size is None else block_size
+        check_positive_int("block_size", chunk)
+        out = _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree, chunk)
     return out.astype(out_dtype)
 
 
@@ -890,31 +896,74 @@ def _features(x: jax.Array, tables: list[tuple[np.ndarray, np.ndarray]]) -> jax.
     return jax.lax.optimization_barrier(jnp.concatenate(feats, axis=1))
 
 
-def _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree):
-    d = q.shape[-1]
+def _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree, chunk):
+    """Taylor-feature tensor attention, scanning the sequence in chunks of ``chunk`` positions.
+
+    Chunking keeps the (D, chunk) feature blocks in cache, so the time per position does not
+    grow with n (unchunked, the features of long sequences spill to memory and the measured
+    time grew faster than n), and the memory is O(B·D·(chunk + dv)) (causal: ×dv per chunk).
+    """
+    b, n, d = q.shape
+    dv = v1.shape[-1]
     tables, (deg, inv_fact) = _monomials(d, degree)
     # x^m / m! = scale^m Σ_{|α|=m} (q∘k1∘k2)^α / α!. The weights and the key mask are applied
-    # to the small summed factors, not to the (D, n) features: an elementwise op fused into
-    # a dot operand measured 10× slower at power-of-two n.
+    # to the small summed factors, not to the (D, chunk) features: an elementwise op fused into
+    # a dot operand measured 10× slower.
     coefs = jnp.asarray((scale**deg * inv_fact).astype(np.dtype(q.dtype)))
-    fq, f1, f2 = (_features(x, tables) for x in (q, k1, k2))  # (B, D, n)
-    maskf = jnp.broadcast_to(kmask, q.shape[:2]).astype(q.dtype)  # (B, n)
+    dim = coefs.shape[0]
+    chunk = min(chunk, n)
+    maskf = jnp.broadcast_to(kmask, (b, n)).astype(q.dtype)
     v1m, v2m = v1 * maskf[..., None], v2 * maskf[..., None]
+    # Padding at the end is masked out as keys; its query outputs are cut off below.
+    xs = tuple(_blocks(x, 1, chunk) for x in (q, k1, k2, v1m, v2m, maskf))
+    zeros = (
+        jnp.zeros((b, dv, dim), q.dtype),
+        jnp.zeros((b, dv, dim), q.dtype),
+        jnp.zeros((b, dim), q.dtype),
+        jnp.zeros((b, dim), q.dtype),
+    )
+
     if causal:
-        v1t, v2t = jnp.swapaxes(v1m, 1, 2), jnp.swapaxes(v2m, 1, 2)  # (B, dv, n)
-        a = jnp.cumsum(f1[:, :, None, :] * v1t[:, None], axis=-1)  # (B, D, dv, n)
-        c = jnp.cumsum(f2[:, :, None, :] * v2t[:, None], axis=-1)
-        num = jnp.einsum("bfl,bfcl->bcl", fq, coefs[:, None, None] * a * c)  # (B, dv, n)
-        s1 = jnp.cumsum(f1 * maskf[:, None], axis=-1)
-        s2 = jnp.cumsum(f2 * maskf[:, None], axis=-1)
-        den = jnp.einsum("bfl,bfl->bl", fq, coefs[:, None] * s1 * s2)
+
+        def step(carry, x):
+            qc, k1c, k2c, v1c, v2c, mc = x
+            a, c, s1, s2 = carry
+            fq, f1, f2 = (_features(y, tables) for y in (qc, k1c, k2c))  # (B, D, chunk)
+            # Prefix sums inside the chunk on top of the sums over earlier chunks.
+            pa = a[..., None] + jnp.cumsum(f1[:, None] * jnp.swapaxes(v1c, 1, 2)[:, :, None], -1)
+            pc = c[..., None] + jnp.cumsum(f2[:, None] * jnp.swapaxes(v2c, 1, 2)[:, :, None], -1)
+            p1 = s1[..., None] + jnp.cumsum(f1 * mc[:, None], axis=-1)  # (B, D, chunk)
+            p2 = s2[..., None] + jnp.cumsum(f2 * mc[:, None], axis=-1)
+            num = jnp.einsum("bfl,bcfl->bcl", fq, coefs[:, None] * pa * pc)  # (B, dv, chunk)
+            den = jnp.einsum("bfl,bfl->bl", fq, coefs[:, None] * p1 * p2)
+            return (pa[..., -1], pc[..., -1], p1[..., -1], p2[..., -1]), (num, den)
+
+        _, (num, den) = jax.lax.scan(step, zeros, xs)
     else:
-        a = jnp.einsum("bic,bfi->bcf", v1m, f1)  # (B, dv, D)
-        c = jnp.einsum("bjc,bfj->bcf", v2m, f2)
-        num = jnp.einsum("bcf,bfl->bcl", coefs * a * c, fq)  # (B, dv, n)
-        s1 = jnp.einsum("bfi,bi->bf", f1, maskf)
-        s2 = jnp.einsum("bfj,bj->bf", f2, maskf)
-        den = jnp.einsum("bf,bfl->bl", coefs * s1 * s2, fq)
+
+        def key_step(carry, x):
+            _, k1c, k2c, v1c, v2c, mc = x
+            a, c, s1, s2 = carry
+            f1, f2 = _features(k1c, tables), _features(k2c, tables)  # (B, D, chunk)
+            a = a + jnp.einsum("bic,bfi->bcf", v1c, f1)
+            c = c + jnp.einsum("bjc,bfj->bcf", v2c, f2)
+            s1 = s1 + jnp.einsum("bfi,bi->bf", f1, mc)
+            s2 = s2 + jnp.einsum("bfj,bj->bf", f2, mc)
+            return (a, c, s1, s2), None
+
+        (a, c, s1, s2), _ = jax.lax.scan(key_step, zeros, xs)
+        w_num, w_den = coefs * a * c, coefs * s1 * s2
+
+        def query_step(_, qc):
+            fq = _features(qc, tables)
+            return None, (
+                jnp.einsum("bcf,bfl->bcl", w_num, fq),
+                jnp.einsum("bf,bfl->bl", w_den, fq),
+            )
+
+        _, (num, den) = jax.lax.scan(query_step, None, xs[0])
+    num = jnp.moveaxis(num, 0, 2).reshape(b, dv, -1)[:, :, :n]  # (B, dv, n)
+    den = jnp.moveaxis(den, 0, 1).reshape(b, -1)[:, :n]
     # den is a sum of T_p(x) > 0 over valid pairs (even p); it is 0 only without valid pairs.
     has = den > 0
     out = jnp.where(has[:, None], num / jnp.where(has, den, 1.0)[:, None], 0.0)

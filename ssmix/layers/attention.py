@@ -212,7 +212,8 @@ class TensorAttention(_Projected):
         ``"simplicial"`` (which is always causal), False otherwise.
       w1, w2: causal windows (``t − w1 < i``, ``t − w2 < j``); None is unbounded.
       degree: Taylor degree of ``"approx"``.
-      block_size: kernel block size (``"blocked"``: int or (bi, bj); ``"simplicial"``: int).
+      block_size: kernel block size (``"blocked"``: int or (bi, bj); ``"simplicial"``: int,
+        window offsets per step; ``"approx"``: int, positions per chunk).
 
     ``mask (B, L)`` bool: a pair is valid when both keys are valid; queries without a valid
     pair output the output projection's bias.
