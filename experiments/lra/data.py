@@ -53,6 +53,7 @@ DATA_ROOT = REPO_ROOT / "data"
 PAD, EOS = 0, 1
 LISTOPS_SYMBOLS = tuple(str(d) for d in range(10)) + ("[MIN", "[MAX", "[MED", "[SM", "]")
 LISTOPS_VOCAB = {s: i + 2 for i, s in enumerate(LISTOPS_SYMBOLS)}
+_NO_PARENS = str.maketrans("()", "  ")
 BYTE_OFFSET = 2
 BYTE_VOCAB_SIZE = 256 + BYTE_OFFSET
 
@@ -197,13 +198,11 @@ def _bytes_tokens(text: str, max_len: int) -> np.ndarray:
 
 def tokenize_listops(source: str, max_len: int = 2048, where: str = "") -> np.ndarray:
     """ListOps source string -> ids ``(n,)``: parentheses dropped, end token appended."""
-    ids = []
-    for tok in source.split():
-        if tok in ("(", ")"):
-            continue
-        if tok not in LISTOPS_VOCAB:
-            raise ValueError(f"{where}unknown ListOps token {tok!r}")
-        ids.append(LISTOPS_VOCAB[tok])
+    tokens = source.translate(_NO_PARENS).split()
+    try:
+        ids = [LISTOPS_VOCAB[tok] for tok in tokens]
+    except KeyError as e:
+        raise ValueError(f"{where}unknown ListOps token {e.args[0]!r}") from None
     return np.array(ids[: max_len - 1] + [EOS], dtype=np.uint16)
 
 
