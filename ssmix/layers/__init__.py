@@ -1,5 +1,7 @@
 """Flax NNX sequence-mixing layers. Each layer exposes its kernel modes and a materialized form."""
 
 from ssmix.layers.attention import Attention, KroneckerAttention, TensorAttention
+from ssmix.layers.s5 import S5
 
 __all__: list[str] = ["Attention", "KroneckerAttention", "TensorAttention"]
+__all__ += ["S5"]
