@@ -14,7 +14,9 @@ Shapes: ``Lambda, B (H, N/2)`` complex; ``P (rank, H, N/2)`` complex (rank 1 may
   way (the REFERENCE form multiplied through by ``1 + ω``) it has no pole at ``ω = −1``; the
   diagonal part gives Cauchy sums ``Σ_n a_n b_n / ((2/Δ)(1 − ω) − (1 + ω) Λ_n)`` and the
   rank-``r`` term a Woodbury correction. ``C̃`` is formed internally from the true ``C``, so
-  any length works: ``C Ā^L`` comes from the real dense ``Ā`` by repeated squaring.
+  any length works: ``C Ā^L`` comes from the real dense ``Ā`` by repeated squaring. The
+  ``ω = 1`` term (the kernel's sum) is a dense solve instead, because a mode with ``Λ_n ≈ 0``
+  (FouT) puts a near-pole of the Cauchy sums exactly there.
 - Step forms, all the same system: the O(N) linear step of the S4 code
   (:func:`dplr_step_setup` / :func:`dplr_step`, ``Ā = A₁A₀``, ``B̄ = 2A₁B``), the dense real
   form :func:`dplr_dense` (state ``[Re x, Im x]``, used by the chunked convolution through
@@ -268,7 +270,7 @@ def dplr_ssm_kernel(Lambda, P, B, C, dt, L: int):
     nch, H, N2 = C.shape
     rank = P.shape[0]
     # C̃ = C (I − Ā^L): C Ā^L from the real dense Ā, read back as a half-mode row.
-    dA, _, C_r = dplr_dense(Lambda, P, B, C, dt)
+    dA, dB, C_r = dplr_dense(Lambda, P, B, C, dt)
     v = jnp.einsum("chs,hst->cht", C_r, _matrix_power(dA, L))
     C_t = C - (v[..., :N2] - 1j * v[..., N2:]) / 2
 
@@ -314,6 +316,11 @@ def dplr_ssm_kernel(Lambda, P, B, C, dt, L: int):
     i += rank
     r_pp = sums[..., i:].reshape(H, F, rank, rank)
     k_hat = 2 * _woodbury(r_cb, r_cp, r_pb[None], r_pp[None], beta)
+    # At ω = 1 a mode with Λ_n ≈ 0 (FouT) makes the two Woodbury terms huge and nearly
+    # cancelling; Σ_ℓ K_ℓ = C̃ (I − Ā)⁻¹ B̄ by a dense solve is well conditioned whenever A is.
+    eye = jnp.eye(dA.shape[-1], dtype=dA.dtype)
+    dc = jnp.einsum("chs,hs->ch", C_r - v, jnp.linalg.solve(eye - dA, dB[..., None])[..., 0])
+    k_hat = k_hat.at[..., 0].set(dc.astype(k_hat.dtype))
     K = jnp.fft.irfft(k_hat, n=L, axis=-1)
     return K if has_channels else K[0]
 
@@ -323,7 +330,7 @@ def dplr_ssm_kernel_naive(Lambda, P, B, C, dt, L: int):
 
     Builds ``A = diag(Λ_full) − Σ_r P_full,r P_full,r*`` (``N × N`` complex),
     ``Ā = (I − Δ/2·A)⁻¹(I + Δ/2·A)``, ``B̄ = (I − Δ/2·A)⁻¹ Δ B_full`` and evaluates
-    ``Re(C_full Ā^ℓ B̄)`` by repeated multiplication.
+    ``Re(C_full Ā^ℓ B̄)`` by repeated multiplication (a ``lax.scan`` over ℓ).
     """
     has_channels = C.ndim == 3
     Lambda, P, B, dt, C = _prepare(Lambda, P, B, dt, C)
@@ -336,10 +343,10 @@ def dplr_ssm_kernel_naive(Lambda, P, B, C, dt, L: int):
     dA = jnp.linalg.solve(eye - half, eye + half)
     dB = jnp.linalg.solve(eye - half, (dt[:, None] * full(B))[..., None])[..., 0]
     Cf = full(C)
-    taps = []
-    x = dB
-    for _ in range(L):
-        taps.append(jnp.real(jnp.einsum("chn,hn->ch", Cf, x)))
-        x = jnp.einsum("hnm,hm->hn", dA, x)
-    K = jnp.stack(taps, axis=-1)
+
+    def tap(x, _):
+        return jnp.einsum("hnm,hm->hn", dA, x), jnp.real(jnp.einsum("chn,hn->ch", Cf, x))
+
+    _, K = jax.lax.scan(tap, dB, None, length=L)  # x runs through Ā^ℓ B̄
+    K = jnp.moveaxis(K, 0, -1)
     return K if has_channels else K[0]

@@ -1,0 +1,530 @@
+"""The S4 layer (DPLR state matrix, Cauchy kernel) and the module code it shares with S4D.
+
+Both layers are linear time-invariant SSMs per feature, ``y = K * u + D·u`` with a kernel
+``K_ℓ = C Ā^ℓ B̄``, and share everything except how ``Ā``, ``B̄`` and the kernel are formed
+(:class:`LTISSM`). Each runs in one of four modes that compute the same function (the tests
+check outputs, states and gradients of every pair):
+
+- ``"fft"``: the full kernel (Cauchy for S4, Vandermonde for S4D), then an FFT convolution.
+- ``"chunked"``: chunks of ``chunk_size`` steps; inside a chunk a Toeplitz matmul with the
+  kernel's first taps, across chunks the state
+  (:func:`~ssmix.kernels.vandermonde.chunked_ssm_conv`).
+- ``"scan"``: the recurrence itself, one step at a time (S4D through
+  :func:`~ssmix.kernels.scan.linear_scan`, S4 through its O(N) bilinear step), in blocks that
+  are rematerialised for the backward pass so memory stays ``O(B·H·N·L/block)``.
+- ``"materialized"``: the ``L × L`` mixing matrices from :meth:`LTISSM.materialize`, times
+  the input; O(L²), the oracle.
+- ``"auto"`` (default) picks by :func:`auto_mode`.
+
+The state is complex ``(B, H, N/2)``: the half modes of the conjugate-symmetric full state
+(for S4 in the HiPPO eigenbasis). ``__call__`` takes and returns it for chunked inference;
+``step`` advances it one position for autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssmix import hippo
+from ssmix._checks import check_choice, check_even, check_ndim, check_positive_int
+from ssmix.kernels.cauchy import (
+    dplr_chunk_operators,
+    dplr_dense,
+    dplr_ssm_kernel,
+    dplr_step,
+    dplr_step_setup,
+)
+from ssmix.kernels.fftconv import fft_conv, fft_conv_bidirectional
+from ssmix.kernels.vandermonde import (
+    ChunkOps,
+    chunked_ssm_conv,
+    chunked_ssm_conv_bidirectional,
+    chunked_state_forward,
+    chunked_state_output,
+)
+from ssmix.layers.base import SSMParam, as_complex, complex_param
+
+__all__ = ["MODES", "LTISSM", "S4", "S4_INITS", "auto_mode"]
+
+#: Execution modes of the S4 / S4D layers.
+MODES = ("auto", "fft", "chunked", "scan", "materialized")
+
+#: HiPPO measures an S4 layer can start from (``init=``).
+S4_INITS = ("legs", "legt", "lagt", "fout")
+
+# Real parts of Λ are stored as log(−Re Λ); the S4 code clamps them the same way so that
+# measures whose normal part is purely imaginary (FouT) get a tiny decay instead of log(0).
+_MAX_REAL = -1e-4
+
+# Steps per rematerialised block of the "scan" mode.
+_SCAN_BLOCK = 128
+
+
+def auto_mode(L: int) -> str:
+    """The mode ``mode="auto"`` runs for length ``L`` (measured on CPU, see benchmarks/s4.py).
+
+    ``"chunked"`` for every length: it needs no FFT padding and its matmuls beat the FFT
+    convolution at every length measured (1k–16k).
+    """
+    check_positive_int("L", L)
+    return "chunked"
+
+
+def _toeplitz(k, lag_offset: int):
+    """``M[..., t, s] = k[..., t − s − lag_offset]`` where that index is in ``[0, L)``, else 0."""
+    L = k.shape[-1]
+    lag = jnp.arange(L)[:, None] - jnp.arange(L)[None, :] - lag_offset
+    taps = jnp.take(k, jnp.clip(lag, 0, L - 1), axis=-1)
+    return jnp.where((lag >= 0) & (lag < L), taps, 0)
+
+
+def _to_real(x):
+    """Complex half state ``(B, H, N/2)`` → real coordinates ``(B, H, N)`` = ``[Re x, Im x]``."""
+    return jnp.concatenate([x.real, x.imag], axis=-1)
+
+
+def _to_complex(x):
+    half = x.shape[-1] // 2
+    return jax.lax.complex(x[..., :half], x[..., half:])
+
+
+def _blocked_scan(block_fn: Callable, x0, u, mask, block: int):
+    """Run ``block_fn(x, u_blk, m_blk) -> (x, y_blk)`` over blocks of the sequence.
+
+    Each block is rematerialised in the backward pass (``jax.checkpoint``), so only the
+    states between blocks are stored. Positions past the end (padding up to a whole block)
+    carry ``m = False`` so that they leave the state unchanged.
+
+    Returns ``(y (B, L, ...), final state)``.
+    """
+    Bsz, L, H = u.shape
+    block = min(block, L)
+    nb = -(-L // block)
+    pad = nb * block - L
+    if pad and mask is None:
+        mask = jnp.ones((Bsz, L), bool)
+    u = jnp.pad(u, ((0, 0), (0, pad), (0, 0)))
+    u_b = jnp.moveaxis(u.reshape(Bsz, nb, block, H), 1, 0)
+    m_b = None
+    if mask is not None:
+        m_b = jnp.moveaxis(jnp.pad(mask, ((0, 0), (0, pad))).reshape(Bsz, nb, block), 1, 0)
+
+    def body(x, blk):
+        return block_fn(x, *blk)
+
+    x_final, y = jax.lax.scan(jax.checkpoint(body), x0, (u_b, m_b))
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape(Bsz, nb * block, *y.shape[3:])[:, :L], x_final
+
+
+class LTISSM(nnx.Module):
+    """Shared module code of :class:`S4` and :class:`~ssmix.layers.s4d.S4D`.
+
+    Subclasses create the SSM parameters and implement the hooks that form the discrete
+    system (``_system``) and its kernel, chunk operators, state maps and step. This class
+    owns the output matrix ``C``, the skip ``D``, the modes, masking, state carry,
+    bidirectionality and the output layout.
+
+    Output layout: ``(B, L, H)`` for ``channels = 1``, else ``(B, L, channels·H)`` with
+    feature index ``c·H + h`` (``d_output`` says which). ``C`` has ``channels`` rows, or
+    ``2·channels`` when bidirectional (forward rows first, as in the S4 code).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        *,
+        channels: int,
+        bidirectional: bool,
+        mode: str,
+        chunk_size: int,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        check_positive_int("d_model", d_model)
+        check_even("d_state", d_state)
+        check_positive_int("channels", channels)
+        check_positive_int("chunk_size", chunk_size)
+        check_choice("mode", mode, MODES)
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional must be a bool; got {bidirectional!r}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.channels = channels
+        self.bidirectional = bidirectional
+        self.mode = mode
+        self.chunk_size = chunk_size
+        self.d_output = channels * d_model
+        self.param_dtype = jnp.dtype(param_dtype)
+        n_out = channels * (2 if bidirectional else 1)
+        shape = (n_out, d_model, d_state // 2)
+        kr, ki = jax.random.split(rngs.params())
+        # Complex normal with variance ½ per part (the S4 / S4D default).
+        C = (jax.random.normal(kr, shape) + 1j * jax.random.normal(ki, shape)) * math.sqrt(0.5)
+        self.C = complex_param(C.astype(self._complex_dtype), nnx.Param)
+        self.D = nnx.Param(jax.random.normal(rngs.params(), (channels, d_model), self.param_dtype))
+
+    @property
+    def _complex_dtype(self):
+        return jnp.promote_types(self.param_dtype, jnp.complex64)
+
+    # ----------------------------------------------------------------------------------------
+    # Hooks implemented by S4 and S4D. `sys` is whatever `_system` returns; `C` is
+    # (channels, H, N/2) complex (one direction's rows); states are complex (B, H, N/2).
+    # ----------------------------------------------------------------------------------------
+
+    def _system(self, dtype) -> Any:
+        raise NotImplementedError
+
+    def _kernel(self, sys, C, L: int):
+        raise NotImplementedError
+
+    def _chunk_ops(self, sys, C, T: int, strict: bool) -> ChunkOps:
+        raise NotImplementedError
+
+    def _state_output(self, sys, C, state, L: int):
+        raise NotImplementedError
+
+    def _state_forward(self, sys, u, state):
+        raise NotImplementedError
+
+    def _advance(self, sys, state, steps, max_steps: int):
+        raise NotImplementedError
+
+    def _scan_block(self, sys, C, strict: bool) -> Callable:
+        raise NotImplementedError
+
+    def _step_state(self, sys, state, u_t):
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------
+
+    def _dtype(self, x):
+        return jnp.promote_types(jnp.promote_types(x.dtype, self.param_dtype), jnp.float32)
+
+    def _output_rows(self, dtype):
+        C = as_complex(self.C).astype(jnp.promote_types(dtype, jnp.complex64))
+        ch = self.channels
+        return C[:ch], (C[ch:] if self.bidirectional else None)
+
+    def init_state(self, batch: int):
+        """Zero state ``(batch, H, N/2)`` (complex) for :meth:`step` or ``__call__(state=)``."""
+        check_positive_int("batch", batch)
+        return jnp.zeros((batch, self.d_model, self.d_state // 2), self._complex_dtype)
+
+    def _check_state(self, state, batch: int):
+        expected = (batch, self.d_model, self.d_state // 2)
+        if getattr(state, "shape", None) != expected:
+            got = getattr(state, "shape", type(state).__name__)
+            raise ValueError(f"state must have shape (B, H, N/2) = {expected}; got {got}")
+
+    def _finish(self, y, x_dtype):
+        """``(B, L, C, H)`` → the layer's output layout, in the input's dtype."""
+        y = y[:, :, 0] if self.channels == 1 else y.reshape(*y.shape[:2], self.d_output)
+        return y.astype(x_dtype)
+
+    def materialize(self, L: int):
+        """The mixing matrices ``M`` with ``y[b, t, c, h] = Σ_s M[c, h, t, s]·x[b, s, h]``.
+
+        Includes ``D`` on the diagonal and, when bidirectional, the backward kernel above it.
+
+        Args:
+          L: sequence length.
+
+        Returns:
+          ``(H, L, L)`` for ``channels = 1``, else ``(channels, H, L, L)``.
+        """
+        check_positive_int("L", L)
+        dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+        M = self._matrices(self._system(dtype), L, dtype)
+        M = M + self.D[...].astype(dtype)[..., None, None] * jnp.eye(L, dtype=dtype)
+        return M[0] if self.channels == 1 else M
+
+    def _matrices(self, sys, L: int, dtype):
+        C_f, C_b = self._output_rows(dtype)
+        M = _toeplitz(self._kernel(sys, C_f, L), 0)
+        if C_b is not None:
+            M = M + jnp.swapaxes(_toeplitz(self._kernel(sys, C_b, L), 1), -1, -2)
+        return M
+
+    def __call__(self, x, mask=None, state=None, return_state: bool = False):
+        """Apply the layer.
+
+        Args:
+          x: input ``(B, L, H)``.
+          mask: optional bool ``(B, L)``, True at valid positions (right padding). Padded
+            inputs are ignored, padded outputs are zero, and the returned state is each
+            sequence's state after its last valid position.
+          state: optional complex ``(B, H, N/2)`` state before the sequence (causal only).
+          return_state: also return the state after the sequence (causal only).
+
+        Returns:
+          ``y (B, L, d_output)``, or ``(y, state)`` with ``return_state``.
+        """
+        check_ndim("x", x, 3, "(B, L, H)")
+        Bsz, L, H = x.shape
+        if H != self.d_model:
+            raise ValueError(f"x must have shape (B, L, {self.d_model}); got {x.shape}")
+        if self.bidirectional and (state is not None or return_state):
+            raise ValueError(
+                "a bidirectional layer reads the future, so it has no causal state: "
+                "state= and return_state=True need bidirectional=False"
+            )
+        if state is not None:
+            self._check_state(state, Bsz)
+        if mask is not None:
+            if getattr(mask, "shape", None) != (Bsz, L):
+                raise ValueError(f"mask must have shape (B, L) = {(Bsz, L)}; got {mask.shape}")
+            mask = mask.astype(bool)
+        dtype = self._dtype(x)
+        u = x.astype(dtype)
+        if mask is not None:
+            u = jnp.where(mask[..., None], u, 0)
+        mode = auto_mode(L) if self.mode == "auto" else self.mode
+        sys = self._system(dtype)
+        C_f, C_b = self._output_rows(dtype)
+        cstate = None if state is None else state.astype(C_f.dtype)
+
+        final = None
+        if mode == "scan":
+            y, final = _blocked_scan(
+                self._scan_block(sys, C_f, False),
+                self._zero_or(cstate, Bsz, C_f),
+                u,
+                mask,
+                _SCAN_BLOCK,
+            )
+            if C_b is not None:
+                y_b, _ = _blocked_scan(
+                    self._scan_block(sys, C_b, True),
+                    self._zero_or(None, Bsz, C_f),
+                    u[:, ::-1],
+                    None if mask is None else mask[:, ::-1],
+                    _SCAN_BLOCK,
+                )
+                y = y + y_b[:, ::-1]
+        elif mode == "chunked":
+            T = min(self.chunk_size, L)
+            ops = self._chunk_ops(sys, C_f, T, False)
+            if C_b is not None:
+                y = chunked_ssm_conv_bidirectional(u, ops, self._chunk_ops(sys, C_b, T, True))
+            elif return_state and mask is None:
+                rstate = None if cstate is None else _to_real(cstate)
+                y, final = chunked_ssm_conv(u, ops, rstate, return_state=True)
+                final = _to_complex(final)
+            else:
+                y = chunked_ssm_conv(u, ops, None if cstate is None else _to_real(cstate))
+        else:
+            if mode == "fft":
+                k_f = self._kernel(sys, C_f, L)
+                if C_b is None:
+                    y = fft_conv(u, k_f)
+                else:
+                    y = fft_conv_bidirectional(u, k_f, self._kernel(sys, C_b, L))
+            else:  # materialized
+                y = jnp.einsum("chts,bsh->btch", self._matrices(sys, L, dtype), u)
+            if cstate is not None:
+                y = y + self._state_output(sys, C_f, cstate, L)
+
+        if return_state and final is None:
+            final = self._final_state(sys, u, cstate, mask)
+        y = y + self.D[...].astype(dtype)[None, None] * u[:, :, None, :]
+        if mask is not None:
+            y = jnp.where(mask[:, :, None, None], y, 0)
+        y = self._finish(y, x.dtype)
+        return (y, final) if return_state else y
+
+    def _zero_or(self, state, batch, C):
+        if state is not None:
+            return state
+        return jnp.zeros((batch, self.d_model, self.d_state // 2), C.dtype)
+
+    def _final_state(self, sys, u, state, mask):
+        """State after the sequence; with a mask, after each sequence's last valid position.
+
+        With right padding, rolling each sequence so that its valid part ends at ``L − 1``
+        makes the padded zeros precede it; their contribution is zero, so the state after the
+        rolled sequence is the state after the valid part, plus ``Ā^{n_b}`` times the
+        incoming state.
+        """
+        if mask is None:
+            return self._state_forward(sys, u, state)
+        L = u.shape[1]
+        lengths = jnp.sum(mask, axis=1)
+        idx = (jnp.arange(L)[None, :] + lengths[:, None]) % L
+        rolled = jnp.take_along_axis(u, idx[..., None], axis=1)
+        final = self._state_forward(sys, rolled, None)
+        if state is not None:
+            final = final + self._advance(sys, state, lengths, L)
+        return final
+
+    def step(self, state, x_t):
+        """One step of the recurrence for autoregressive decoding.
+
+        Args:
+          state: complex ``(B, H, N/2)`` (from :meth:`init_state` or a previous call).
+          x_t: input ``(B, H)`` at the next position.
+
+        Returns:
+          ``(state, y_t)`` with ``y_t (B, d_output)``.
+        """
+        if self.bidirectional:
+            raise ValueError("a bidirectional layer cannot be stepped: it reads the future")
+        check_ndim("x_t", x_t, 2, "(B, H)")
+        if x_t.shape[1] != self.d_model:
+            raise ValueError(f"x_t must have shape (B, {self.d_model}); got {x_t.shape}")
+        self._check_state(state, x_t.shape[0])
+        dtype = self._dtype(x_t)
+        u = x_t.astype(dtype)
+        sys = self._system(dtype)
+        C_f, _ = self._output_rows(dtype)
+        state = self._step_state(sys, state.astype(C_f.dtype), u)
+        y = 2 * jnp.real(jnp.einsum("chn,bhn->bch", C_f, state))
+        y = y + self.D[...].astype(dtype) * u[:, None, :]
+        return state, self._finish(y[:, None], x_t.dtype)[:, 0]
+
+
+class S4(LTISSM):
+    """S4: an SSM per feature with a DPLR state matrix ``A = diag(Λ) − P P*`` (HiPPO init).
+
+    Parameters (``SSMParam`` unless noted): ``A_re_log`` and ``A_im`` ``(H, N/2)`` with
+    ``Λ = −exp(A_re_log) + i·A_im`` (real part in log space keeps it negative, as the S4
+    code's default); ``P`` ``(rank, H, N/2, 2)`` and ``B`` ``(H, N/2, 2)`` complex as real
+    pairs; ``log_dt`` ``(H,)``; ``C`` ``(channels[·2], H, N/2, 2)`` and ``D`` ``(channels, H)``
+    are plain ``nnx.Param``. Bilinear discretisation (the only one with a DPLR closed form).
+
+    ``C`` is stored as the true output matrix, not the S4 code's ``C̃ = C(I − Ā^L)``: the
+    kernel of any length ``L`` is exact (``C̃`` is formed per call from ``Ā^L`` by repeated
+    squaring, ``log₂ L`` small matmuls), stepping and the chunked / scan modes need ``C``
+    itself (no linear solve), and no ``l_max`` ties the parameters to one length.
+
+    Args:
+      d_model: H, features.
+      d_state: N, full state size (even; N/2 complex modes are stored).
+      channels: output channels per feature (output ``channels·H`` features).
+      init: HiPPO measure, one of :data:`S4_INITS`.
+      rank: rank of ``P`` (default: the smallest the measure allows, 2 for LegT).
+      disc: ``"bilinear"``.
+      dt_min, dt_max: range of the log-uniform Δ initialisation.
+      bidirectional: add a strictly anti-causal kernel with its own ``C`` rows.
+      mode: one of :data:`MODES`.
+      chunk_size: chunk length of the ``"chunked"`` mode (also used for state maps).
+      param_dtype: dtype of the real parameter arrays.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        *,
+        channels: int = 1,
+        init: str = "legs",
+        rank: int | None = None,
+        disc: str = "bilinear",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        bidirectional: bool = False,
+        mode: str = "auto",
+        chunk_size: int = 64,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        check_choice("init", init, S4_INITS)
+        check_choice("disc", disc, ("bilinear",))
+        super().__init__(
+            d_model,
+            d_state,
+            channels=channels,
+            bidirectional=bidirectional,
+            mode=mode,
+            chunk_size=chunk_size,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        if rank is None:
+            rank = 2 if init == "legt" else 1
+        check_positive_int("rank", rank)
+        self.init = init
+        self.rank = rank
+        self.disc = disc
+        form = hippo.nplr(init, d_state, rank, b_clip=hippo.S4_B_CLIP)
+        H = d_model
+        lam = jnp.broadcast_to(jnp.asarray(form.Lambda), (H, d_state // 2))
+        re = jnp.minimum(lam.real, _MAX_REAL)
+        self.A_re_log = SSMParam(jnp.log(-re).astype(self.param_dtype))
+        self.A_im = SSMParam(lam.imag.astype(self.param_dtype))
+        P = jnp.broadcast_to(jnp.asarray(form.P)[:, None, :], (rank, H, d_state // 2))
+        self.P = complex_param(P.astype(self._complex_dtype))
+        B = jnp.broadcast_to(jnp.asarray(form.B), (H, d_state // 2))
+        self.B = complex_param(B.astype(self._complex_dtype))
+        dt = hippo.dt_init(rngs.params(), (H,), dt_min, dt_max, dtype=self.param_dtype)
+        self.log_dt = SSMParam(jnp.log(dt))
+
+    def _system(self, dtype):
+        cdtype = jnp.promote_types(dtype, jnp.complex64)
+        lam = jax.lax.complex(-jnp.exp(self.A_re_log[...]), self.A_im[...]).astype(cdtype)
+        P = as_complex(self.P).astype(cdtype)
+        B = as_complex(self.B).astype(cdtype)
+        dt = jnp.exp(self.log_dt[...]).astype(dtype)
+        return lam, P, B, dt
+
+    def _kernel(self, sys, C, L):
+        return dplr_ssm_kernel(*sys[:3], C, sys[3], L)
+
+    def _chunk_ops(self, sys, C, T, strict):
+        lam, P, B, dt = sys
+        return dplr_chunk_operators(lam, P, B, C, dt, T, strict=strict)
+
+    def _state_ops(self, sys, C, L):
+        return self._chunk_ops(sys, C, min(self.chunk_size, L), False)
+
+    def _state_output(self, sys, C, state, L):
+        return chunked_state_output(self._state_ops(sys, C, L), _to_real(state), L)
+
+    def _state_forward(self, sys, u, state):
+        C = jnp.zeros((1, self.d_model, self.d_state // 2), sys[0].dtype)
+        ops = self._state_ops(sys, C, u.shape[1])
+        return _to_complex(
+            chunked_state_forward(u, ops, None if state is None else _to_real(state))
+        )
+
+    def _advance(self, sys, state, steps, max_steps):
+        lam, P, B, dt = sys
+        dA, _, _ = dplr_dense(lam, P, B, jnp.zeros_like(B), dt)
+        x = _to_real(state)
+        # Ā^{n_b} x per sequence: binary powers of the dense transition.
+        power = dA
+        for bit in range(max_steps.bit_length()):
+            take = ((steps >> bit) & 1).astype(bool)[:, None, None]
+            x = jnp.where(take, jnp.einsum("hij,bhj->bhi", power, x), x)
+            power = power @ power
+        return _to_complex(x)
+
+    def _scan_block(self, sys, C, strict):
+        params = dplr_step_setup(*sys)
+
+        def block(x, u_blk, m_blk):
+            def one(x, inp):
+                u_t, m_t = inp
+                x_new = dplr_step(params, x, u_t)
+                if m_t is not None:
+                    x_new = jnp.where(m_t[:, None, None], x_new, x)
+                y = 2 * jnp.real(jnp.einsum("chn,bhn->bch", C, x if strict else x_new))
+                return x_new, y
+
+            m = None if m_blk is None else jnp.moveaxis(m_blk, 1, 0)
+            x_new, ys = jax.lax.scan(one, x, (jnp.moveaxis(u_blk, 1, 0), m))
+            return x_new, jnp.moveaxis(ys, 0, 1)
+
+        return block
+
+    def _step_state(self, sys, state, u_t):
+        return dplr_step(dplr_step_setup(*sys), state, u_t)

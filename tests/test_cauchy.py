@@ -1,0 +1,147 @@
+"""DPLR (S4) kernels: Cauchy + Woodbury against a dense bilinear reference, and step forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssmix import hippo
+from ssmix.kernels import cauchy as Cy
+from ssmix.kernels import vandermonde as V
+from ssmix.kernels.fftconv import fft_conv
+from ssmix.testing import assert_close
+from ssmix.testing import check_equivalent as _check_equivalent
+
+H, BATCH = 3, 2
+
+
+def check_equivalent(impls, *args, **kwargs):
+    """The harness with every implementation jitted (eager dispatch under grad is slow)."""
+    return _check_equivalent({k: jax.jit(f) for k, f in impls.items()}, *args, **kwargs)
+
+
+def _system(measure, N, rank, dtype, seed=0, channels=2):
+    """HiPPO DPLR parameters broadcast over H features, random C and Δ."""
+    form = hippo.nplr(measure, N, rank, b_clip=hippo.S4_B_CLIP)
+    N2 = N // 2
+    cdtype = jnp.promote_types(dtype, jnp.complex64)
+    # Same clamp as the layers: FouT's normal part has Re Λ = 0.
+    lam = np.minimum(form.Lambda.real, -1e-4) + 1j * form.Lambda.imag
+    rng = np.random.default_rng(seed)
+    Lam = jnp.asarray(np.broadcast_to(lam, (H, N2)), cdtype)
+    P = jnp.asarray(np.broadcast_to(form.P[:, None, :], (rank, H, N2)), cdtype)
+    B = jnp.asarray(np.broadcast_to(form.B, (H, N2)), cdtype)
+    C = jnp.asarray(rng.normal(size=(channels, H, N2)) + 1j * rng.normal(size=(channels, H, N2)))
+    dt = jnp.asarray(np.exp(rng.uniform(np.log(1e-2), np.log(0.5), H)), dtype)
+    return Lam, P, B, C.astype(cdtype), dt
+
+
+LENGTHS = (1, 2, 7, 16, 33)
+MEASURES = [("legs", 8, 1), ("legt", 8, 2), ("lagt", 6, 1), ("fout", 8, 1)]
+
+
+def test_kernel_matches_dense_bilinear(x64):
+    """Cauchy + Woodbury equals C Ā^ℓ B̄ with dense Ā, B̄ for every measure and length."""
+    systems = [_system(*m, jnp.float64) for m in MEASURES]
+
+    def kernels(kernel_fn):
+        return lambda systems: [[kernel_fn(*s, L) for L in LENGTHS] for s in systems]
+
+    check_equivalent(
+        {"dense": kernels(Cy.dplr_ssm_kernel_naive), "cauchy": kernels(Cy.dplr_ssm_kernel)},
+        systems,
+        grads=False,
+    )
+
+
+def test_kernel_gradients_match_dense_bilinear(x64):
+    """Gradients through the Cauchy sums, the Woodbury solve (rank 2) and C̃ = C(I − Ā^L)."""
+    check_equivalent(
+        {
+            "dense": lambda *s: Cy.dplr_ssm_kernel_naive(*s, 16),
+            "cauchy": lambda *s: Cy.dplr_ssm_kernel(*s, 16),
+        },
+        *_system("legt", 8, 2, jnp.float64),
+    )
+
+
+def test_kernel_float32_and_unbatched_C():
+    Lam, P, B, C, dt = _system("legs", 8, 1, jnp.float32)
+    L = 40
+    kernel = jax.jit(Cy.dplr_ssm_kernel, static_argnums=5)
+    assert_close(
+        jax.jit(Cy.dplr_ssm_kernel_naive, static_argnums=5)(Lam, P, B, C[0], dt, L),
+        kernel(Lam, P, B, C[0], dt, L),
+    )
+    K = kernel(Lam, P[0], B, C[0], dt, L)  # rank 1 given as (H, N/2)
+    assert K.shape == (H, L) and K.dtype == jnp.float32
+
+
+def test_long_kernel_float32_is_accurate():
+    """At N = 64 and L = 1024 the float32 kernel stays within 1e-4 of float64."""
+    with jax.enable_x64(True):
+        sys64 = _system("legs", 64, 1, jnp.float64, channels=1)
+        k64 = np.asarray(jax.jit(Cy.dplr_ssm_kernel, static_argnums=5)(*sys64, 1024))
+    sys32 = [jnp.asarray(a, jnp.complex64 if jnp.iscomplexobj(a) else jnp.float32) for a in sys64]
+    k32 = np.asarray(jax.jit(Cy.dplr_ssm_kernel, static_argnums=5)(*sys32, 1024))
+    assert np.linalg.norm(k32 - k64) / np.linalg.norm(k64) < 1e-4
+
+
+def test_step_forms_agree(x64):
+    """O(N) linear step, dense real step, diagonalised step and the kernel give one system."""
+    Lam, P, B, C, dt = _system("legs", 8, 1, jnp.float64)
+    L = 12
+    u = jnp.asarray(np.random.default_rng(1).normal(size=(BATCH, L, H)))
+    K = Cy.dplr_ssm_kernel(Lam, P, B, C, dt, L)
+    y_conv = fft_conv(u, K)  # (B, L, C, H)
+
+    params = Cy.dplr_step_setup(Lam, P, B, dt)
+    dA, dB, C_r = Cy.dplr_dense(Lam, P, B, C, dt)
+    lam, b, c = Cy.dplr_diagonalize(Lam, P, B, C, dt)
+    x = jnp.zeros((BATCH, H, Lam.shape[1]), Lam.dtype)
+    xi = jnp.zeros((BATCH, H, dA.shape[-1]))
+    z = jnp.zeros((BATCH, *lam.shape), lam.dtype)
+    ys_lin, ys_dense, ys_diag = [], [], []
+    for t in range(L):
+        x = Cy.dplr_step(params, x, u[:, t])
+        xi = jnp.einsum("hij,bhj->bhi", dA, xi) + dB * u[:, t, :, None]
+        z = lam * z + b * u[:, t, :, None]
+        ys_lin.append(2 * jnp.real(jnp.einsum("chn,bhn->bch", C, x)))
+        ys_dense.append(jnp.einsum("chs,bhs->bch", C_r, xi))
+        ys_diag.append(jnp.real(jnp.einsum("chn,bhn->bch", c, z)))
+    assert_close(y_conv, jnp.stack(ys_lin, axis=1))
+    assert_close(y_conv, jnp.stack(ys_dense, axis=1))
+    assert_close(y_conv, jnp.stack(ys_diag, axis=1), ratio=1e-6)
+    # The real state is [Re x, Im x] of the half state.
+    assert_close(jnp.concatenate([x.real, x.imag], axis=-1), xi)
+
+
+@pytest.mark.parametrize("L, T", [(1, 4), (13, 4)])
+def test_chunk_operators_match_kernel_and_state(x64, L, T):
+    Lam, P, B, C, dt = _system("legt", 8, 2, jnp.float64)
+    rng = np.random.default_rng(2)
+    u = jnp.asarray(rng.normal(size=(BATCH, L, H)))
+    x0 = jnp.asarray(rng.normal(size=(BATCH, H, 8)))
+    ops = Cy.dplr_chunk_operators(Lam, P, B, C, dt, T)
+    y, xf = V.chunked_ssm_conv(u, ops, x0, return_state=True)
+    y_loop, x_loop = V.chunked_ssm_conv_naive(u, ops, x0)
+    assert_close(y_loop, y)
+    assert_close(x_loop, xf)
+    y_fft = fft_conv(u, Cy.dplr_ssm_kernel(Lam, P, B, C, dt, L))
+    assert_close(y_fft + V.chunked_state_output(ops, x0, L), y)
+
+
+def test_bad_input_raises():
+    Lam, P, B, C, dt = _system("legs", 8, 1, jnp.float32)
+    with pytest.raises(ValueError, match="L must be a positive integer"):
+        Cy.dplr_ssm_kernel(Lam, P, B, C, dt, 0)
+    with pytest.raises(ValueError, match=r"P must have shape \(rank, 3, 4\)"):
+        Cy.dplr_ssm_kernel(Lam, P[..., :2], B, C, dt, 8)
+    with pytest.raises(ValueError, match="B must have shape"):
+        Cy.dplr_ssm_kernel(Lam, P, B[:2], C, dt, 8)
+    with pytest.raises(ValueError, match="C must have shape"):
+        Cy.dplr_ssm_kernel(Lam, P, B, C[..., :3], dt, 8)
+    with pytest.raises(ValueError, match="dt must have shape"):
+        Cy.dplr_ssm_kernel(Lam, P, B, C, dt[:, None], 8)
+    with pytest.raises(ValueError, match="T must be a positive integer"):
+        Cy.dplr_chunk_operators(Lam, P, B, C, dt, 0)

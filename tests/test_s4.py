@@ -1,0 +1,230 @@
+"""S4 and S4D layers: every mode equals every other; stepping, state carry, masks, errors.
+
+All layers here share H = 3, N = 8 and a few lengths, and run eagerly: JAX caches each
+primitive per shape, so after the first configuration the others cost little to run.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssmix.kernels import cauchy as Cy
+from ssmix.layers import S4, S4D
+from ssmix.layers.base import SSMParam
+from ssmix.layers.s4 import MODES, auto_mode
+from ssmix.layers.s4d import S4D_INITS
+from ssmix.testing import assert_close, check_equivalent
+
+H, N, BATCH, L, T = 3, 8, 2, 37, 8  # L odd and not a multiple of the chunk length T
+RUN_MODES = ("materialized", "fft", "chunked", "scan")
+
+
+def _layer(cls, dtype="float32", **kw):
+    return cls(H, N, chunk_size=T, param_dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0), **kw)
+
+
+def _input(length=L, dtype="float32", seed=0, batch=BATCH):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.normal(size=(batch, length, H)), jnp.dtype(dtype))
+
+
+def _pure(layer, mode):
+    """``f(params, x)`` running ``layer`` in ``mode`` (the mode is static, in the graphdef)."""
+    layer.mode = mode
+    graphdef, params = nnx.split(layer)
+    return lambda p, x: nnx.merge(graphdef, p)(x), params
+
+
+def _modes(layer, jit=False):
+    impls = {}
+    for mode in RUN_MODES:
+        fn, params = _pure(layer, mode)
+        impls[mode] = jax.jit(fn) if jit else fn
+    return impls, params
+
+
+@pytest.mark.parametrize(
+    "cls, dtype, kw",
+    [
+        (S4D, "float32", {}),
+        (S4D, "float64", {"bidirectional": True, "channels": 2, "init": "lin"}),
+        (S4, "float64", {}),
+        (S4, "float32", {"bidirectional": True}),
+    ],
+    ids=["s4d-f32", "s4d-f64-bidir-ch2", "s4-f64", "s4-f32-bidir"],
+)
+def test_modes_agree_outputs_and_gradients(cls, dtype, kw):
+    with jax.enable_x64(dtype == "float64"):
+        layer = _layer(cls, dtype, **kw)
+        # Jitted: one compile per mode is cheaper than eager dispatch under grad.
+        impls, params = _modes(layer, jit=True)
+        check_equivalent(impls, params, _input(dtype=dtype))
+
+
+INIT_CASES = [(S4D, {"init": k}) for k in S4D_INITS if k != "legs"] + [
+    (S4D, {"disc": "bilinear"}),
+    (S4D, {"disc": "dss", "l_max": 64}),
+    (S4, {"init": "lagt"}),
+    (S4, {"init": "fout"}),
+    (S4, {"init": "legt", "rank": 3}),
+]
+
+
+@pytest.mark.parametrize(
+    "cls, kw",
+    INIT_CASES,
+    ids=[f"{c.__name__}-{'-'.join(map(str, k.values()))}" for c, k in INIT_CASES],
+)
+def test_every_init_and_disc_agrees_across_modes(cls, kw):
+    layer = _layer(cls, **kw)
+    impls, params = _modes(layer)
+    check_equivalent(impls, params, _input(), grads=False)
+
+
+@pytest.mark.parametrize("cls", [S4D, S4])
+def test_step_and_materialize_equal_forward(x64, cls):
+    layer = _layer(cls, "float64", channels=2)
+    x = _input(dtype="float64")
+    y = layer(x)
+    assert y.shape == (BATCH, L, 2 * H) and layer.d_output == 2 * H
+    M = layer.materialize(L)
+    assert M.shape == (2, H, L, L)
+    assert_close(y, jnp.einsum("chts,bsh->btch", M, x).reshape(BATCH, L, 2 * H))
+    state = layer.init_state(BATCH)
+    ys = []
+    for t in range(L):
+        state, y_t = layer.step(state, x[:, t])
+        ys.append(y_t)
+    assert_close(y, jnp.stack(ys, axis=1))
+    _, final = layer(x, return_state=True)
+    assert_close(final, state)
+
+
+@pytest.mark.parametrize("cls", [S4D, S4])
+@pytest.mark.parametrize("mode", RUN_MODES)
+def test_state_carry_across_calls(x64, cls, mode):
+    """Forward on [x1; x2] equals forward on x1, then on x2 from the returned state."""
+    layer = _layer(cls, "float64", mode=mode)
+    x = _input(dtype="float64")
+    y, final = layer(x, return_state=True)
+    split = 13  # not a multiple of the chunk length
+    y1, s1 = layer(x[:, :split], return_state=True)
+    y2, s2 = layer(x[:, split:], state=s1, return_state=True)
+    assert_close(y, jnp.concatenate([y1, y2], axis=1))
+    assert_close(final, s2)
+
+
+@pytest.mark.parametrize("cls", [S4D, S4])
+@pytest.mark.parametrize("mode", RUN_MODES)
+def test_mask_equals_unpadded_sequences(x64, cls, mode):
+    """A right-padded batch gives each sequence's own outputs, zeros after it, and its state."""
+    layer = _layer(cls, "float64", mode=mode)
+    x = _input(dtype="float64")
+    lengths = [13, 1]  # lengths shared with other tests: their compiled primitives are reused
+    mask = jnp.arange(L)[None, :] < jnp.asarray(lengths)[:, None]
+    x_noisy = jnp.where(mask[..., None], x, 1e3)  # garbage in the padding must not leak
+    state0 = layer.init_state(BATCH) + 0.1 - 0.2j
+    y, final = layer(x_noisy, mask=mask, state=state0, return_state=True)
+    for b, n in enumerate(lengths):
+        y_n, s_n = layer(x[:, :n], state=state0, return_state=True)
+        assert_close(y_n[b], y[b, :n])
+        assert_close(s_n[b], final[b])
+        assert float(jnp.max(jnp.abs(y[b, n:]), initial=0.0)) == 0.0
+
+
+@pytest.mark.parametrize("cls", [S4D, S4])
+def test_bidirectional_mask_ignores_padding(x64, cls):
+    layer = _layer(cls, "float64", bidirectional=True, mode="chunked")
+    x = _input(dtype="float64")
+    mask = jnp.arange(L)[None, :] < jnp.asarray([L, 13])[:, None]
+    y = layer(jnp.where(mask[..., None], x, -7.0), mask=mask)
+    assert_close(layer(x[:, :13])[1], y[1, :13])
+
+
+@pytest.mark.parametrize("cls", [S4D, S4])
+def test_length_one(cls):
+    layer = _layer(cls)
+    impls, params = _modes(layer)
+    check_equivalent(impls, params, _input(length=1), grads=False)
+
+
+def test_s4_any_length_matches_dense_reference(x64):
+    """One S4 layer at lengths 5, 16 and 40 equals the dense bilinear system at each."""
+    layer = _layer(S4, "float64", mode="fft")
+    lam, P, B, dt = layer._system(jnp.float64)
+    C = layer._output_rows(jnp.float64)[0]
+    for length in (5, 16, 40):
+        x = _input(length, "float64")
+        K = Cy.dplr_ssm_kernel_naive(lam, P, B, C, dt, length)[0]  # (H, L)
+        y_ref = jnp.einsum("hts,bsh->bth", jnp.tril(_toeplitz(K)), x) + layer.D[0] * x
+        assert_close(y_ref, layer(x))
+
+
+def _toeplitz(k):
+    idx = jnp.arange(k.shape[-1])
+    return k[:, jnp.abs(idx[:, None] - idx[None, :])]
+
+
+def test_parameter_groups_and_storage():
+    for layer in (_layer(S4D), _layer(S4)):
+        ssm = nnx.state(layer, SSMParam)
+        names = {str(path[0]) for path, _ in nnx.to_flat_state(ssm)}
+        expected = {"A_re_log", "A_im", "B", "log_dt"} | ({"P"} if isinstance(layer, S4) else set())
+        assert names == expected
+        params = nnx.state(layer, nnx.Param)
+        assert all(
+            jnp.isrealobj(v.get_value() if hasattr(v, "get_value") else v)
+            for v in jax.tree.leaves(params)
+        )
+        assert layer.C[...].shape == (1, H, N // 2, 2) and layer.D[...].shape == (1, H)
+        assert bool(jnp.all(jnp.exp(layer.A_re_log[...]) > 0))
+
+
+def test_auto_mode_rule():
+    assert auto_mode(1) in MODES and auto_mode(16384) in MODES
+    layer = _layer(S4D)
+    assert layer.mode == "auto"
+    x = _input()
+    layer_ref = _layer(S4D, mode="fft")
+    assert_close(layer_ref(x), layer(x))
+
+
+@pytest.mark.parametrize("cls", [S4D, S4])
+def test_bad_input_raises(cls):
+    with pytest.raises(ValueError, match="d_state must be even"):
+        cls(H, 7, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        cls(H, N, mode="fast", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="init must be one of"):
+        cls(H, N, init="hippo", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="channels must be a positive integer"):
+        cls(H, N, channels=0, rngs=nnx.Rngs(0))
+    layer = _layer(cls)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, L, H\)"):
+        layer(jnp.zeros((L, H)))
+    with pytest.raises(ValueError, match=r"x must have shape \(B, L, 3\)"):
+        layer(jnp.zeros((BATCH, L, H + 1)))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        layer(_input(), mask=jnp.ones((BATCH, L + 1), bool))
+    with pytest.raises(ValueError, match="state must have shape"):
+        layer(_input(), state=jnp.zeros((BATCH, H, N), jnp.complex64))
+    with pytest.raises(ValueError, match=r"x_t must have shape \(B, H\)"):
+        layer.step(layer.init_state(BATCH), _input())
+    bidir = _layer(cls, bidirectional=True)
+    with pytest.raises(ValueError, match="no causal state"):
+        bidir(_input(), return_state=True)
+    with pytest.raises(ValueError, match="cannot be stepped"):
+        bidir.step(bidir.init_state(BATCH), _input()[:, 0])
+
+
+def test_option_errors():
+    with pytest.raises(ValueError, match="disc must be one of"):
+        S4D(H, N, disc="euler", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="pass l_max"):
+        S4D(H, N, disc="dss", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="disc must be one of 'bilinear'"):
+        S4(H, N, disc="zoh", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="rank is too small|rank"):
+        S4(H, N, init="legt", rank=1, rngs=nnx.Rngs(0))
