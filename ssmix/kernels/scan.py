@@ -148,17 +148,49 @@ def _slice_t(x, t, axis=1):
     return lax.dynamic_index_in_dim(x, t, axis=axis, keepdims=False)
 
 
-def _sequential(a, b, x0, reverse, time_varying):
-    B, L = b.shape[:2]
-    x_init = jnp.zeros(b.shape[:1] + b.shape[2:], b.dtype) if x0 is None else x0
+def _run(a, b, x_init, *, axis, reverse, time_varying, extra=None, write=True, span=False):
+    """Step the recurrence along ``axis`` of ``b`` (and of ``a`` when time-varying).
+
+    Every step updates a slab of ``b`` in place of a fresh array (XLA:CPU pays dearly for
+    large temporaries and transposes), so the memory traffic is one read of ``b`` and, with
+    ``write``, one write of the states. ``extra`` is added to the first input consumed (how
+    the backward pass injects the final state's cotangent without copying ``b``). With
+    ``span`` the product of the decays is returned as well (time-varying only).
+
+    Returns ``(last_state, states or None, decay_product or None)``.
+    """
+    n = b.shape[axis]
+    first = n - 1 if reverse else 0
+
+    def a_at(t):
+        return _slice_t(a, t, axis) if time_varying else a
+
+    b_first = _slice_t(b, first, axis)
+    if extra is not None:
+        b_first = b_first + extra
+    x = b_first if x_init is None else step(x_init, a_at(first), b_first)
+    out = lax.dynamic_update_index_in_dim(jnp.empty_like(b), x, first, axis) if write else None
+    prod = a_at(first) if span else None
 
     def body(i, carry):
-        x, out = carry
-        t = L - 1 - i if reverse else i
-        x = step(x, _slice_t(a, t) if time_varying else a, _slice_t(b, t))
-        return x, lax.dynamic_update_index_in_dim(out, x, t, axis=1)
+        x, out, prod = carry
+        t = n - 1 - i if reverse else i
+        a_t = a_at(t)
+        x = step(x, a_t, _slice_t(b, t, axis))
+        if write:
+            out = lax.dynamic_update_index_in_dim(out, x, t, axis)
+        if span:
+            prod = prod * a_t
+        return x, out, prod
 
-    return lax.fori_loop(0, L, body, (x_init, jnp.empty_like(b)))[::-1]
+    return lax.fori_loop(1, n, body, (x, out, prod))
+
+
+def _sequential(a, b, x0, reverse, time_varying, extra=None):
+    x, states, _ = _run(
+        a, b, x0, axis=1, reverse=reverse, time_varying=time_varying, extra=extra
+    )
+    return states, x
 
 
 def _int_power(a, m):
@@ -173,13 +205,14 @@ def _int_power(a, m):
     return (sign * mag).astype(a.dtype)
 
 
-def _associative(a, b, x0, reverse, time_varying):
+def _associative(a, b, x0, reverse, time_varying, extra=None):
     L = b.shape[1]
-    if x0 is not None:
-        # Fold the initial state into the first input the recurrence consumes.
+    if x0 is not None or extra is not None:
+        # Fold the initial state (and any injected term) into the first input consumed.
         t0 = L - 1 if reverse else 0
         a0 = _slice_t(a, t0) if time_varying else a
-        b = b.at[:, t0].add(a0 * x0)
+        add = (0 if x0 is None else a0 * x0) + (0 if extra is None else extra)
+        b = b.at[:, t0].add(add)
     if time_varying:
 
         def combine(first, second):
@@ -202,7 +235,7 @@ def _associative(a, b, x0, reverse, time_varying):
     return states, final
 
 
-def _chunked(a, b, x0, reverse, time_varying, T):
+def _chunked(a, b, x0, reverse, time_varying, T, extra=None):
     B, L = b.shape[:2]
     S = b.shape[2:]
     T = min(T, L)
@@ -215,48 +248,31 @@ def _chunked(a, b, x0, reverse, time_varying, T):
         if time_varying:
             a = jnp.pad(a, pad_width, constant_values=1)
     bc = b.reshape(B, C, T, *S)
-    chunk_t = (lambda i: T - 1 - i) if reverse else (lambda i: i)
+    ac = a.reshape(a.shape[0], C, T, *a.shape[2:]) if time_varying else a
+    run = functools.partial(_run, ac, bc, axis=2, reverse=reverse, time_varying=time_varying)
+    if extra is not None:
+        # Only the first chunk processed receives the injected term.
+        extra = jnp.zeros((B, C, *S), b.dtype).at[:, C - 1 if reverse else 0].set(extra)
 
     # Pass 1: every chunk's contribution to the state it hands on (from a zero start), and
     # the total decay across the chunk.
-    if time_varying:
-        ac = a.reshape(a.shape[0], C, T, *a.shape[2:])
-        span = jnp.prod(ac, axis=2)
-
-        def summary_body(i, e):
-            t = chunk_t(i)
-            return step(e, _slice_t(ac, t, axis=2), _slice_t(bc, t, axis=2))
-
-        summary = lax.fori_loop(0, T, summary_body, jnp.zeros((B, C, *S), b.dtype))
-    else:
-        exponents = jnp.arange(T) if reverse else jnp.arange(T - 1, -1, -1)
-        weights = _int_power(a, exponents.reshape((T,) + (1,) * a.ndim))
-        summary = jnp.sum(weights * bc, axis=2)
-        span = _int_power(a, jnp.asarray(T))
-    span = jnp.broadcast_to(span, (span.shape[0] if time_varying else 1, C, *S))
+    summary, _, span = run(None, extra=extra, write=False, span=time_varying)
+    if not time_varying:
+        span = _int_power(a, jnp.asarray(T))[None, None]
 
     # Pass 2: the state entering each chunk, by a short recurrence over the C summaries.
     x_init = jnp.zeros((B, *S), b.dtype) if x0 is None else x0
-    summary_tm = jnp.moveaxis(summary, 1, 0)
-    span_tm = jnp.moveaxis(span, 1, 0)
+    span_tm = jnp.moveaxis(jnp.broadcast_to(span, (span.shape[0], C, *S)), 1, 0)
 
     def carry_body(x, inputs):
         s, e = inputs
         return step(x, s, e), x
 
-    _, incoming = lax.scan(carry_body, x_init, (span_tm, summary_tm), reverse=reverse)
-    incoming = jnp.moveaxis(incoming, 0, 1)  # (B, C, *S): state before each chunk
-
-    # Pass 3: the recurrence inside all chunks at once, from the incoming states.
-    a_step = ac if time_varying else a
-
-    def body(i, carry):
-        x, out = carry
-        t = chunk_t(i)
-        x = step(x, _slice_t(a_step, t, axis=2) if time_varying else a_step, _slice_t(bc, t, 2))
-        return x, lax.dynamic_update_index_in_dim(out, x, t, axis=2)
-
-    _, out = lax.fori_loop(0, T, body, (incoming, jnp.empty_like(bc)))
+    _, incoming = lax.scan(
+        carry_body, x_init, (span_tm, jnp.moveaxis(summary, 1, 0)), reverse=reverse
+    )
+    # Pass 3: the recurrence inside all chunks at once, from the states entering them.
+    _, out, _ = run(jnp.moveaxis(incoming, 0, 1), extra=extra)
     states = out.reshape(B, C * T, *S)
     if pad:
         states = states[:, pad:] if reverse else states[:, :L]
@@ -264,12 +280,12 @@ def _chunked(a, b, x0, reverse, time_varying, T):
     return states, final
 
 
-def _forward(a, b, x0, reverse, method, chunk_size, time_varying):
+def _forward(a, b, x0, reverse, method, chunk_size, time_varying, extra=None):
     if method == "sequential":
-        return _sequential(a, b, x0, reverse, time_varying)
+        return _sequential(a, b, x0, reverse, time_varying, extra)
     if method == "associative":
-        return _associative(a, b, x0, reverse, time_varying)
-    return _chunked(a, b, x0, reverse, time_varying, chunk_size)
+        return _associative(a, b, x0, reverse, time_varying, extra)
+    return _chunked(a, b, x0, reverse, time_varying, chunk_size, extra)
 
 
 # --------------------------------------------------------------------------------------
@@ -295,12 +311,37 @@ def _scan_fwd(a, b, x0, reverse, method, chunk_size, time_varying):
     return (states, final), (a, states, x0)
 
 
+def _decay_grad(lam, states, x0, a_shape, reverse, time_varying):
+    """dL/da_t = λ_t ⊙ x_{t−1} (x_{t+1} in reverse; the initial state at the first step),
+    summed over the axes along which ``a`` was broadcast. Accumulated step by step: on
+    XLA:CPU a fused reduction over the leading axes of a large complex product is many times
+    slower than a loop over time slabs."""
+    L = lam.shape[1]
+    first = L - 1 if reverse else 0
+    offset = 1 if reverse else -1
+    head = jnp.zeros_like(lam[:, 0]) if x0 is None else _slice_t(lam, first) * x0
+
+    def term(i):
+        t = L - 1 - i if reverse else i
+        return t, _slice_t(lam, t) * _slice_t(states, t + offset)
+
+    if time_varying:
+        step_shape = (a_shape[0], *a_shape[2:])
+
+        def write(i, out):
+            t, value = term(i)
+            return lax.dynamic_update_index_in_dim(out, _sum_to_shape(value, step_shape), t, 1)
+
+        out = jnp.empty(a_shape, lam.dtype)
+        out = lax.dynamic_update_index_in_dim(out, _sum_to_shape(head, step_shape), first, 1)
+        return lax.fori_loop(1, L, write, out)
+    acc = lax.fori_loop(1, L, lambda i, acc: acc + term(i)[1], head)
+    return _sum_to_shape(acc, a_shape)
+
+
 def _scan_bwd(reverse, method, chunk_size, time_varying, residuals, cotangents):
     a, states, x0 = residuals
     g_states, g_final = cotangents
-    L = states.shape[1]
-    last = 0 if reverse else L - 1  # index of the state returned as final_state
-    g = g_states.at[:, last].add(g_final)
     if time_varying:
         # λ_t = g_t + a_{t+1} λ_{t+1} (forward); the decay feeding λ_t sits one step later.
         ones = jnp.ones_like(a[:, :1])
@@ -311,31 +352,16 @@ def _scan_bwd(reverse, method, chunk_size, time_varying, residuals, cotangents):
         )
     else:
         a_adj = a
-    lam, _ = _forward(a_adj, g, None, not reverse, method, chunk_size, time_varying)
-
-    # dL/da_t = λ_t ⊙ x_{t−1} (x_{t+1} in reverse): the state the decay multiplied. The
-    # first step's multiplies the initial state; the others pair shifted slices.
-    first = L - 1 if reverse else 0
-    lam_first = _slice_t(lam, first)
-    if reverse:
-        body = lam[:, :-1] * states[:, 1:]
-    else:
-        body = lam[:, 1:] * states[:, :-1]
-    head = None if x0 is None else (lam_first * x0)[:, None]
-    if time_varying:
-        head = jnp.zeros_like(lam[:, :1]) if head is None else head
-        parts = [body, head] if reverse else [head, body]
-        g_a = _sum_to_shape(jnp.concatenate(parts, axis=1), a.shape)
-    else:
-        g_a = _sum_to_shape(body, a.shape)
-        if head is not None:
-            g_a = g_a + _sum_to_shape(head, a.shape)
+    # The final state's cotangent enters the adjoint recurrence at its first step.
+    lam, _ = _forward(
+        a_adj, g_states, None, not reverse, method, chunk_size, time_varying, extra=g_final
+    )
+    g_a = _decay_grad(lam, states, x0, a.shape, reverse, time_varying)
     if x0 is None:
-        g_x0 = None
-    else:
-        a_first = _slice_t(a, first) if time_varying else a
-        g_x0 = _sum_to_shape(a_first * lam_first, x0.shape)
-    return g_a, lam, g_x0
+        return g_a, lam, None
+    first = states.shape[1] - 1 if reverse else 0
+    a_first = _slice_t(a, first) if time_varying else a
+    return g_a, lam, _sum_to_shape(a_first * _slice_t(lam, first), x0.shape)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
