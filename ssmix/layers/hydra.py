@@ -1,0 +1,142 @@
+"""Hydra: the bidirectional quasiseparable mixer (Hwang et al., 2024) as a Flax NNX layer.
+
+``x (B, L, d_model) → in_proj → [z | x, B_fw, C_fw, B_bw, C_bw | dt_fw, dt_bw]``; the middle
+block goes through the short depthwise convolution (:class:`~ssmix.layers.mixers.ShortConv`,
+non-causal, "same" padding) and SiLU; ``dt = softplus(dt + dt_bias)`` per direction; the
+quasiseparable mixer :func:`ssmix.kernels.ssd.quasiseparable` with ``A = −exp(A_log)`` shared
+by both directions and diagonal ``δ = D + W_D x``; gated RMSNorm with ``z``; ``out_proj``.
+The pieces and their order match goombalab/hydra, so parameters port one to one.
+
+Padding (``mask (B, L)``, True = valid, right padding): the convolution reads and writes
+zeros at padded positions (so ``x``, ``B`` and ``C`` vanish there) and ``dt`` is set to 0
+there. A zero step neither decays the state nor adds to it, so the backward scan starts, in
+effect, at the last valid position with its initial state intact, and nothing from the
+padding reaches a valid output: valid outputs equal those of each sequence run alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssmix._checks import check_choice, check_positive_int
+from ssmix.kernels.ssd import METHODS, quasiseparable, quasiseparable_matrix
+from ssmix.layers.base import SSMParam
+from ssmix.layers.mixers import GatedConvWrapper, dt_bias_init, zero_padding
+
+__all__ = ["Hydra"]
+
+
+class Hydra(GatedConvWrapper):
+    """Hydra's quasiseparable sequence mixer: ``(B, L, d_model) -> (B, L, d_model)``.
+
+    Args:
+      d_model: model width.
+      d_state: state size ``N`` per group.
+      d_conv: taps of the short convolution (odd for a centred window; default 7).
+      expand: ``d_inner = expand·d_model``.
+      headdim: channels per head ``P``; ``Hh = d_inner / headdim`` heads.
+      ngroups: groups ``G`` sharing ``B, C`` (must divide ``Hh``).
+      chunk_size: chunk length of the chunked SSD kernel.
+      mode: ``"chunked"`` (default), ``"sequential"`` or ``"materialized"``: the method of
+        :func:`~ssmix.kernels.ssd.quasiseparable` (all give the same result).
+      learnable_init_states: learn one ``(Hh, P, N)`` state used as the initial state of both
+        directions (as in the reference implementation).
+      dt_min, dt_max, dt_init_floor: ``softplus(dt_bias)`` starts log-uniform in
+        ``[dt_min, dt_max]``, at least ``dt_init_floor``.
+      use_bias: biases in ``in_proj`` and ``out_proj``.
+      conv_bias: bias in the convolution.
+      rngs: ``nnx.Rngs``.
+
+    Parameters of note: ``A_log`` and ``dt_bias`` are :class:`~ssmix.layers.base.SSMParam`
+    (``A`` starts at −1 in every head, as in Hydra); ``D (Hh,)`` starts at one and
+    ``fc_D: d_inner → Hh`` gives the data-dependent part of the diagonal.
+    """
+
+    MODES = METHODS
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        d_state: int = 64,
+        d_conv: int = 7,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        chunk_size: int = 64,
+        mode: str = "chunked",
+        learnable_init_states: bool = False,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        use_bias: bool = False,
+        conv_bias: bool = True,
+        rngs,
+    ):
+        check_positive_int("d_model", d_model)
+        self.d_state = N = check_positive_int("d_state", d_state)
+        check_positive_int("expand", expand)
+        self.headdim = check_positive_int("headdim", headdim)
+        self.ngroups = G = check_positive_int("ngroups", ngroups)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.mode = check_choice("mode", mode, METHODS)
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"expand·d_model = {d_inner} must be divisible by headdim = {headdim}")
+        self.nheads = H = d_inner // headdim
+        if H % G:
+            raise ValueError(f"ngroups = {G} must divide the number of heads {H}")
+        super().__init__(
+            d_model,
+            d_inner,
+            d_inner + 4 * G * N,
+            2 * H,
+            d_conv=d_conv,
+            use_bias=use_bias,
+            conv_bias=conv_bias,
+            rngs=rngs,
+        )
+        self.dt_bias = SSMParam(dt_bias_init(rngs.params(), H, dt_min, dt_max, dt_init_floor))
+        self.A_log = SSMParam(jnp.zeros((H,)))
+        self.D = nnx.Param(jnp.ones((H,)))
+        self.fc_D = nnx.Linear(d_inner, H, use_bias=False, rngs=rngs)
+        self.init_states = nnx.Param(jnp.zeros((H, headdim, N))) if learnable_init_states else None
+
+    def _mixer_inputs(self, x, mask):
+        """Gate ``z`` and the arguments of :func:`quasiseparable` (without keywords)."""
+        b, L = x.shape[:2]
+        H, P, G, N, di = self.nheads, self.headdim, self.ngroups, self.d_state, self.d_inner
+        z, c, dt = self.project(x, mask)
+        c = jax.nn.silu(c)
+        xs = c[..., :di]
+        B_fw, C_fw, B_bw, C_bw = (
+            c[..., di + i * G * N : di + (i + 1) * G * N].reshape(b, L, G, N) for i in range(4)
+        )
+        dt = zero_padding(jax.nn.softplus(dt + jnp.tile(self.dt_bias[...], 2)), mask)
+        diag = self.D[...] + self.fc_D(xs)
+        A = -jnp.exp(self.A_log[...])
+        args = (xs.reshape(b, L, H, P), dt[..., :H], dt[..., H:], A, B_fw, C_fw, B_bw, C_bw, diag)
+        return z, args
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``x (B, L, d_model)``, ``mask (B, L)`` bool or None -> ``(B, L, d_model)``."""
+        z, args = self._mixer_inputs(x, mask)
+        init = None
+        if self.init_states is not None:
+            h = jnp.broadcast_to(self.init_states[...], (x.shape[0], *self.init_states.shape))
+            init = (h, h)
+        y = quasiseparable(*args, chunk_size=self.chunk_size, initial_states=init, method=self.mode)
+        return self.output(y.reshape(*x.shape[:2], self.d_inner), z)
+
+    def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """The data-dependent quasiseparable matrices ``M (B, Hh, L, L)``.
+
+        Head ``h`` of the mixer outputs ``y[:, t, h] = Σ_s M[:, h, t, s]·v[:, s, h]`` where
+        ``v (B, L, Hh, P)`` are the convolved, activated values (before the gated norm and
+        ``out_proj``). With learnable initial states the mixer adds a term from them that is
+        not part of ``M``.
+        """
+        _, args = self._mixer_inputs(x, mask)
+        return quasiseparable_matrix(*args[1:])

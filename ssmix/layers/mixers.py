@@ -1,0 +1,497 @@
+"""The matrix-mixer family (Hydra paper) and the wrapper it shares with :class:`Hydra`.
+
+Every layer here is ``in_proj → short depthwise convolution → mixer → gated RMSNorm →
+out_proj`` on ``x (B, L, d_model)``. The input projection yields the gate ``z``, the values
+``v`` (``Hh`` heads of ``headdim`` channels) and, for data-dependent mixers, the features the
+mixing matrix is built from. The mixer is a linear map along the sequence, per head:
+``y[:, :, h] = M_h · v[:, :, h]`` with ``M_h`` an ``L × L`` matrix, plus a learned per-head skip
+``D_h`` on the diagonal. The pieces are reusable: :class:`ShortConv` (non-causal depthwise
+convolution, "same" padding), :class:`GatedRMSNorm` (``rmsnorm(y)·w·silu(z)``).
+
+Kinds (``MatrixMixer(kind=...)``) and how their matrix is formed:
+
+=================  ========================================================  ==========  =====
+kind               M[t, s] (per head)                                        fast form   DD/DI
+=================  ========================================================  ==========  =====
+dense              a learned ``max_len × max_len`` matrix                    O(L²)       DI
+toeplitz           ``k[t − s]`` (truly Toeplitz: depends on ``t − s`` only)  FFT         both
+vandermonde        ``Σ_d cos(2π q_td s / max_len) − cos(2π k_sd t / max_len)``  O(L²d)   both
+cauchy             ``Σ_d 1 / (q_td + k_sd)`` with ``q, k > 0``               O(L²d)      both
+low_rank           ``q_t · k_s`` (no softmax)                                Q(KᵀV)      both
+attention          ``softmax_s(q_t · k_s / √d)`` over valid keys              O(L²d)      both
+semiseparable      SSD (causal): ``C_t·B_s·exp(A·Σ_{s<r≤t} dt_r)·dt_s``       chunked     both
+quasiseparable     Hydra's QS with ``B, C`` shared by both directions         chunked     both
+=================  ========================================================  ==========  =====
+
+(scale factors omitted). **Data-dependent** (DD) kinds build ``q, k`` (or ``B, C, dt``, or the
+Toeplitz taps) from the projected and convolved input, so ``M`` changes with ``x``.
+**Data-independent** (DI) kinds learn those quantities directly as parameters indexed by
+position, for positions ``0 … max_len − 1``; a sequence of length ``L ≤ max_len`` uses the
+leading ``L × L`` block of the ``max_len × max_len`` matrix (so a right-padded sequence of
+length ``n`` sees exactly the matrix it would see alone). ``max_len`` is required for every
+kind: it sizes the DI parameters and fixes the normalisation constants, which must not depend
+on the (padded) length; inputs longer than ``max_len`` are rejected.
+
+Padding (``mask (B, L)``, True = valid, right padding): the convolution reads zeros at padded
+positions and writes zeros there, so ``v`` and the features vanish on padding; attention
+masks padded keys; the SSD kinds get ``dt = 0`` on padding. Valid outputs therefore equal
+those of each sequence run alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssmix._checks import check_choice, check_ndim, check_positive_int
+from ssmix.kernels.fftconv import fft_conv_bidirectional
+from ssmix.kernels.ssd import quasiseparable, quasiseparable_matrix, ssd, ssd_matrix
+from ssmix.layers.base import SSMParam
+
+__all__ = ["ShortConv", "GatedRMSNorm", "MatrixMixer", "KINDS", "DATA_INDEPENDENT_ONLY"]
+
+KINDS = (
+    "dense",
+    "toeplitz",
+    "vandermonde",
+    "cauchy",
+    "low_rank",
+    "attention",
+    "semiseparable",
+    "quasiseparable",
+)
+DATA_INDEPENDENT_ONLY = ("dense",)
+MIXER_MODES = ("fast", "materialized")
+
+
+def check_input(x: jax.Array, d_model: int, mask: jax.Array | None) -> None:
+    """Validate a layer input ``x (B, L, d_model)`` and its optional ``mask (B, L)`` bool."""
+    check_ndim("x", x, 3, f"(B, L, d_model={d_model})")
+    if x.shape[-1] != d_model:
+        raise ValueError(
+            f"x must have d_model = {d_model} features in its last axis; got {x.shape}"
+        )
+    if x.shape[1] < 1:
+        raise ValueError(f"x must have a positive length (axis 1); got shape {x.shape}")
+    if mask is not None:
+        if getattr(mask, "dtype", None) != jnp.bool_:
+            raise TypeError(
+                f"mask must be a boolean array (True = valid); got {getattr(mask, 'dtype', mask)}"
+            )
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"mask must have shape (B, L) = {x.shape[:2]}; got {mask.shape}")
+
+
+def zero_padding(v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Zero ``v (B, L, ...)`` at padded positions."""
+    if mask is None:
+        return v
+    return jnp.where(mask.reshape(mask.shape + (1,) * (v.ndim - 2)), v, 0)
+
+
+def inverse_softplus(y: jax.Array) -> jax.Array:
+    """``x`` with ``softplus(x) = y`` for ``y > 0``."""
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+def dt_bias_init(
+    key: jax.Array, n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: float = 1e-4
+) -> jax.Array:
+    """Biases ``(n,)`` whose softplus is log-uniform in ``[dt_min, dt_max]``, at least ``floor``."""
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"need 0 < dt_min <= dt_max; got dt_min={dt_min}, dt_max={dt_max}")
+    u = jax.random.uniform(key, (n,))
+    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return inverse_softplus(jnp.maximum(dt, floor))
+
+
+class ShortConv(nnx.Module):
+    """Depthwise, non-causal 1-D convolution with "same" padding: ``(B, L, C) -> (B, L, C)``.
+
+    ``y[t, c] = bias[c] + Σ_i weight[i, c]·x[t + i − left, c]`` with ``left = (K − 1) // 2``
+    zeros before the sequence and ``K − 1 − left`` after it (PyTorch's ``Conv1d(C, C, K,
+    groups=C, padding=K // 2)`` for odd ``K``: ``weight = torch_weight[:, 0, :].T``). It is
+    computed as a sum of ``K`` shifted, scaled slices, which on XLA:CPU is an order of
+    magnitude faster than the depthwise convolution primitive.
+
+    With ``mask (B, L)`` the padded inputs are read as zeros and the padded outputs are set to
+    zero, so a right-padded sequence gets exactly its unpadded result at valid positions.
+
+    Args:
+      channels: ``C``.
+      kernel_size: ``K`` taps (default 7).
+      use_bias: add a per-channel bias.
+      rngs: initialisation (uniform in ``±1/√K``, PyTorch's default for this layer).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 7, *, use_bias: bool = True, rngs):
+        self.channels = check_positive_int("channels", channels)
+        self.kernel_size = check_positive_int("kernel_size", kernel_size)
+        bound = 1.0 / math.sqrt(kernel_size)
+        init = lambda shape: jax.random.uniform(rngs.params(), shape, minval=-bound, maxval=bound)  # noqa: E731
+        self.weight = nnx.Param(init((kernel_size, channels)))
+        self.bias = nnx.Param(init((channels,))) if use_bias else None
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``x (B, L, C)``, ``mask (B, L)`` bool or None -> ``(B, L, C)``."""
+        check_ndim("x", x, 3, f"(B, L, C={self.channels})")
+        if x.shape[-1] != self.channels:
+            raise ValueError(f"x must have {self.channels} channels; got {x.shape}")
+        K, L = self.kernel_size, x.shape[1]
+        left = (K - 1) // 2
+        w = self.weight[...].astype(x.dtype)
+        xp = jnp.pad(zero_padding(x, mask), ((0, 0), (left, K - 1 - left), (0, 0)))
+        y = sum(xp[:, i : i + L] * w[i] for i in range(K))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return zero_padding(y, mask)
+
+
+class GatedRMSNorm(nnx.Module):
+    """``rmsnorm(y)·weight·silu(z)`` over the last axis (normalise, then gate), in float32.
+
+    Args:
+      features: size of the last axis of ``y`` and ``z``.
+      eps: added to the mean square.
+      rngs: unused (the weight starts at one); accepted for a uniform constructor.
+    """
+
+    def __init__(self, features: int, *, eps: float = 1e-5, rngs=None):
+        self.features = check_positive_int("features", features)
+        self.eps = float(eps)
+        self.weight = nnx.Param(jnp.ones((features,)))
+
+    def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        """``y, z (..., features)`` -> ``(..., features)`` in the dtype of ``y``."""
+        if y.shape != z.shape or y.shape[-1] != self.features:
+            raise ValueError(
+                f"y and z must have the same shape ending in {self.features}; "
+                f"got {y.shape} and {z.shape}"
+            )
+        y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
+        rms = jax.lax.rsqrt(jnp.mean(y32 * y32, axis=-1, keepdims=True) + self.eps)
+        out = y32 * rms * self.weight[...] * jax.nn.silu(z.astype(y32.dtype))
+        return out.astype(y.dtype)
+
+
+class GatedConvWrapper(nnx.Module):
+    """The shared skeleton ``in_proj → ShortConv → (mixer) → GatedRMSNorm → out_proj``.
+
+    ``in_proj`` maps ``d_model`` to ``[z (d_inner) | conv part (conv_dim) | extra (extra_dim)]``;
+    only the conv part goes through the convolution. Subclasses implement the mixer between
+    :meth:`project` and :meth:`output`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_inner: int,
+        conv_dim: int,
+        extra_dim: int,
+        *,
+        d_conv: int,
+        use_bias: bool,
+        conv_bias: bool,
+        rngs,
+    ):
+        self.d_model = check_positive_int("d_model", d_model)
+        self.d_inner = d_inner
+        self.conv_dim = conv_dim
+        self.extra_dim = extra_dim
+        total = d_inner + conv_dim + extra_dim
+        self.in_proj = nnx.Linear(d_model, total, use_bias=use_bias, rngs=rngs)
+        self.conv = ShortConv(conv_dim, d_conv, use_bias=conv_bias, rngs=rngs)
+        self.norm = GatedRMSNorm(d_inner)
+        self.out_proj = nnx.Linear(d_inner, d_model, use_bias=use_bias, rngs=rngs)
+
+    def project(
+        self, x: jax.Array, mask: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``x (B, L, d_model)`` -> ``z (B, L, d_inner)``, the convolved part ``(B, L,
+        conv_dim)`` (before any activation; zero at padded positions) and the extra part
+        ``(B, L, extra_dim)``."""
+        check_input(x, self.d_model, mask)
+        p = self.in_proj(x)
+        z = p[..., : self.d_inner]
+        c = p[..., self.d_inner : self.d_inner + self.conv_dim]
+        e = p[..., self.d_inner + self.conv_dim :]
+        return z, self.conv(c, mask), e
+
+    def output(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        """Mixer output ``y (B, L, d_inner)`` and gate ``z`` -> ``(B, L, d_model)``."""
+        return self.out_proj(self.norm(y, z))
+
+
+# --------------------------------------------------------------------------------------
+# Matrices and fast products of the individual kinds. Heads are axis 2 of (B, L, Hh, ·)
+# features; matrices are (B or 1, Hh, L, L).
+
+
+def _toeplitz_taps_matrix(k_fwd, k_bwd):
+    """``M[t, s] = k_fwd[t − s]`` (s ≤ t), ``k_bwd[s − t − 1]`` (s > t); taps ``(…, Hh, L)``."""
+    L = k_fwd.shape[-1]
+    lag = jnp.arange(L)[:, None] - jnp.arange(L)[None, :]
+    fwd = jnp.take(k_fwd, jnp.clip(lag, 0, L - 1), axis=-1)
+    bwd = jnp.take(k_bwd, jnp.clip(-lag - 1, 0, L - 1), axis=-1)
+    return jnp.where(lag >= 0, fwd, bwd)
+
+
+def _vandermonde_matrix(q, k, max_len, scale):
+    """``scale·Σ_d [cos(2π q[t,d]·s/max_len) − cos(2π k[s,d]·t/max_len)]``.
+
+    ``q, k (B|1, L, Hh, d)``."""
+    L = q.shape[1]
+    pos = jnp.arange(L, dtype=q.dtype)
+    w = 2 * jnp.pi / max_len
+    qt = jnp.moveaxis(q, 1, 2)[..., :, None, :]  # (B, Hh, t, 1, d)
+    ks = jnp.moveaxis(k, 1, 2)[..., None, :, :]  # (B, Hh, 1, s, d)
+    rows = jnp.cos(w * qt * pos[None, :, None])  # q_t at position s
+    cols = jnp.cos(w * ks * pos[:, None, None])  # k_s at position t
+    return scale * jnp.sum(rows - cols, axis=-1)
+
+
+def _cauchy_matrix(q, k, scale):
+    """``scale·Σ_d 1/(q[t,d] + k[s,d])`` for positive ``q, k (B|1, L, Hh, d)``."""
+    qt = jnp.moveaxis(q, 1, 2)[..., :, None, :]
+    ks = jnp.moveaxis(k, 1, 2)[..., None, :, :]
+    return scale * jnp.sum(1.0 / (qt + ks), axis=-1)
+
+
+def _attention_matrix(q, k, mask):
+    """Row-wise softmax of ``q·k/√d`` over the valid keys; ``q, k (B|1, L, Hh, d)``."""
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        # A finite floor keeps a fully padded row finite (uniform weights over zero values).
+        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+class MatrixMixer(GatedConvWrapper):
+    """A sequence mixer ``y = M·v`` of a chosen structure, inside the shared gated wrapper.
+
+    ``(B, L, d_model) -> (B, L, d_model)``; see the module docstring for the kinds, what
+    data-dependent means, and padding.
+
+    Args:
+      d_model: model width.
+      kind: one of :data:`KINDS`.
+      max_len: the longest sequence; sizes the data-independent parameters and fixes the
+        normalisation constants (required for every kind).
+      data_dependent: build ``M`` from the input (True) or learn it per position (False);
+        ``"dense"`` is data-independent only.
+      qk_dim: per-head size ``d`` of ``q, k`` (or of ``B, C`` for the SSD kinds).
+      expand: ``d_inner = expand·d_model``.
+      headdim: channels per head (``Hh = d_inner / headdim``).
+      d_conv: taps of the short convolution.
+      chunk_size: chunk length of the SSD kinds' chunked kernel.
+      mode: ``"fast"`` (the structured product of the table) or ``"materialized"`` (build
+        ``M`` and multiply; the oracle the fast form is tested against).
+      use_bias, conv_bias: biases of the projections and of the convolution.
+      rngs: ``nnx.Rngs``.
+    """
+
+    MODES = MIXER_MODES
+
+    def __init__(
+        self,
+        d_model: int,
+        kind: str,
+        *,
+        max_len: int,
+        data_dependent: bool = True,
+        qk_dim: int = 16,
+        expand: int = 2,
+        headdim: int = 64,
+        d_conv: int = 7,
+        chunk_size: int = 64,
+        mode: str = "fast",
+        use_bias: bool = False,
+        conv_bias: bool = True,
+        rngs,
+    ):
+        check_choice("kind", kind, KINDS)
+        check_choice("mode", mode, MIXER_MODES)
+        check_positive_int("d_model", d_model)
+        self.max_len = check_positive_int("max_len", max_len)
+        self.qk_dim = check_positive_int("qk_dim", qk_dim)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        check_positive_int("expand", expand)
+        check_positive_int("headdim", headdim)
+        if data_dependent and kind in DATA_INDEPENDENT_ONLY:
+            raise ValueError(
+                f"kind {kind!r} has only a data-independent form; pass data_dependent=False"
+            )
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"expand·d_model = {d_inner} must be divisible by headdim = {headdim}")
+        self.kind = kind
+        self.data_dependent = bool(data_dependent)
+        self.mode = mode
+        self.headdim = headdim
+        self.nheads = H = d_inner // headdim
+        d = qk_dim
+        feat_conv, feat_extra = 0, 0
+        if data_dependent:
+            feat_conv = {"toeplitz": 2 * H}.get(kind, 2 * H * d)
+            feat_extra = {"semiseparable": H, "quasiseparable": 2 * H}.get(kind, 0)
+        super().__init__(
+            d_model,
+            d_inner,
+            d_inner + feat_conv,
+            feat_extra,
+            d_conv=d_conv,
+            use_bias=use_bias,
+            conv_bias=conv_bias,
+            rngs=rngs,
+        )
+        self.D = nnx.Param(jnp.ones((H,)))
+        Lm = max_len
+        normal = lambda shape, std: std * jax.random.normal(rngs.params(), shape)  # noqa: E731
+        if kind in ("semiseparable", "quasiseparable"):
+            self.A_log = SSMParam(jnp.zeros((H,)))  # A = −1, as Hydra initialises it
+            self.dt_bias = SSMParam(dt_bias_init(rngs.params(), H))
+        if kind == "cauchy":
+            self.cauchy_bias = nnx.Param(inverse_softplus(jnp.asarray(0.5)))
+        if data_dependent:
+            return
+        if kind == "dense":
+            self.matrix = nnx.Param(normal((H, Lm, Lm), 1.0 / math.sqrt(Lm)))
+        elif kind == "toeplitz":
+            self.taps = nnx.Param(normal((H, 2 * Lm - 1), 1.0 / math.sqrt(Lm)))
+        elif kind in ("semiseparable", "quasiseparable"):
+            self.B = SSMParam(normal((Lm, H, d), 1.0 / math.sqrt(d)))
+            self.C = nnx.Param(normal((Lm, H, d), 1.0 / math.sqrt(d)))
+        else:
+            self.q = nnx.Param(normal((Lm, H, d), 1.0))
+            self.k = nnx.Param(normal((Lm, H, d), 1.0))
+
+    # ----------------------------------------------------------------------------------
+    def _features(self, x, mask):
+        """Gate ``z``, values ``v (B, L, Hh, P)`` and the kind's matrix inputs."""
+        b, L = x.shape[:2]
+        if L > self.max_len:
+            raise ValueError(f"sequence length {L} exceeds max_len = {self.max_len}")
+        z, c, e = self.project(x, mask)
+        H, d, di = self.nheads, self.qk_dim, self.d_inner
+        v = jax.nn.silu(c[..., :di]).reshape(b, L, H, self.headdim)
+        f = c[..., di:]
+        kind = self.kind
+        feats = {}
+        if kind in ("low_rank", "toeplitz", "semiseparable", "quasiseparable"):
+            f = jax.nn.silu(f)  # these read activated features; the others read raw ones
+        if self.data_dependent:
+            if kind == "toeplitz":
+                feats["k_fwd"] = jnp.moveaxis(f[..., :H], 1, 2) / math.sqrt(self.max_len)
+                rev = jnp.moveaxis(f[..., H:], 1, 2)[..., 1:] / math.sqrt(self.max_len)
+                feats["k_bwd"] = jnp.pad(rev, ((0, 0), (0, 0), (0, 1)))
+            else:
+                feats["q"] = f[..., : H * d].reshape(b, L, H, d)
+                feats["k"] = f[..., H * d :].reshape(b, L, H, d)
+        else:
+            Lm = self.max_len
+            if kind == "dense":
+                feats["matrix"] = self.matrix[...][None, :, :L, :L]
+            elif kind == "toeplitz":
+                taps = self.taps[...]
+                feats["k_fwd"] = taps[None, :, Lm - 1 : Lm - 1 + L]
+                # Backward tap m is the lag −(m + 1); lag −L never reaches an output.
+                bwd = jnp.flip(taps[None, :, Lm - L : Lm - 1], axis=-1)
+                feats["k_bwd"] = jnp.pad(bwd, ((0, 0), (0, 0), (0, 1)))
+            elif kind in ("semiseparable", "quasiseparable"):
+                feats["q"] = jnp.broadcast_to(self.C[...][:L], (b, L, H, d))
+                feats["k"] = jnp.broadcast_to(self.B[...][:L], (b, L, H, d))
+            else:
+                feats["q"] = self.q[...][None, :L]
+                feats["k"] = self.k[...][None, :L]
+        if kind == "cauchy":
+            bias = jax.nn.softplus(self.cauchy_bias[...])
+            feats["q"] = jnp.exp(feats["q"]) + bias
+            feats["k"] = jnp.exp(feats["k"]) + bias
+        if kind in ("semiseparable", "quasiseparable"):
+            n_dt = 1 if kind == "semiseparable" else 2
+            raw = e if self.data_dependent else jnp.zeros((b, L, n_dt * H), x.dtype)
+            dt = jax.nn.softplus(raw + jnp.tile(self.dt_bias[...], n_dt))
+            feats["dt"] = zero_padding(dt, mask)
+            feats["A"] = -jnp.exp(self.A_log[...])
+        return z, v, feats
+
+    def _matrix(self, feats, mask, b, L):
+        """The kind's matrix ``(B or 1, Hh, L, L)``, without the skip ``D``."""
+        kind, H = self.kind, self.nheads
+        if kind == "dense":
+            return feats["matrix"]
+        if kind == "toeplitz":
+            return _toeplitz_taps_matrix(feats["k_fwd"], feats["k_bwd"])
+        q, k = feats["q"], feats["k"]
+        scale = 1.0 / math.sqrt(self.max_len * self.qk_dim)
+        if kind == "vandermonde":
+            return _vandermonde_matrix(q, k, self.max_len, scale / math.sqrt(2.0))
+        if kind == "cauchy":
+            return _cauchy_matrix(q, k, scale)
+        if kind == "low_rank":
+            return scale * jnp.einsum("bthd,bshd->bhts", q, k)
+        if kind == "attention":
+            return _attention_matrix(q, k, mask)
+        dt, A = feats["dt"], feats["A"]
+        if kind == "semiseparable":
+            return ssd_matrix(dt, A, k, q)
+        zero = jnp.zeros((b, L, H), dt.dtype)
+        return quasiseparable_matrix(dt[..., :H], dt[..., H:], A, k, q, k, q, zero)
+
+    def _mix_fast(self, v, feats, mask):
+        kind, H = self.kind, self.nheads
+        b, L = v.shape[:2]
+        if kind == "toeplitz":
+            u = v.reshape(b, L, H * self.headdim)
+            per_channel = lambda t: jnp.repeat(t, self.headdim, axis=-2)  # noqa: E731
+            k_fwd, k_bwd = per_channel(feats["k_fwd"]), per_channel(feats["k_bwd"])
+            if self.data_dependent:
+                conv = lambda u1, kf, kb: fft_conv_bidirectional(u1[None], kf, kb)[0]  # noqa: E731
+                y = jax.vmap(conv)(u, k_fwd, k_bwd)
+            else:
+                y = fft_conv_bidirectional(u, k_fwd[0], k_bwd[0])
+            return y.reshape(v.shape)
+        if kind == "low_rank":
+            q, k = feats["q"], feats["k"]
+            kv = jnp.einsum("bshd,bshp->bhdp", jnp.broadcast_to(k, (b, *k.shape[1:])), v)
+            scale = 1.0 / math.sqrt(self.max_len * self.qk_dim)
+            return scale * jnp.einsum("bthd,bhdp->bthp", jnp.broadcast_to(q, (b, *q.shape[1:])), kv)
+        if kind == "semiseparable":
+            y, _ = ssd(
+                v, feats["dt"], feats["A"], feats["k"], feats["q"], chunk_size=self.chunk_size
+            )
+            return y
+        if kind == "quasiseparable":
+            dt, q, k = feats["dt"], feats["q"], feats["k"]
+            zero = jnp.zeros((b, L, H), dt.dtype)
+            args = (v, dt[..., :H], dt[..., H:], feats["A"], k, q, k, q, zero)
+            return quasiseparable(*args, chunk_size=self.chunk_size)
+        # dense, vandermonde, cauchy, attention: no sub-quadratic structure to exploit.
+        M = self._matrix(feats, mask, b, L)
+        return jnp.einsum("bhts,bshp->bthp", jnp.broadcast_to(M, (b, *M.shape[1:])), v)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``x (B, L, d_model)``, ``mask (B, L)`` bool or None -> ``(B, L, d_model)``."""
+        z, v, feats = self._features(x, mask)
+        b, L = x.shape[:2]
+        if self.mode == "materialized":
+            y = jnp.einsum("bhts,bshp->bthp", self._full_matrix(feats, mask, b, L), v)
+        else:
+            y = self._mix_fast(v, feats, mask) + self.D[...][:, None] * v
+        return self.output(y.reshape(b, L, self.d_inner), z)
+
+    def _full_matrix(self, feats, mask, b, L):
+        M = self._matrix(feats, mask, b, L)
+        skip = jnp.eye(L, dtype=M.dtype) * self.D[...][:, None, None]
+        return jnp.broadcast_to(M + skip, (b, self.nheads, L, L))
+
+    def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """The mixing matrix per head ``(B, Hh, L, L)``, skip ``D`` on its diagonal included:
+        the mixer outputs ``y[:, t, h] = Σ_s M[:, h, t, s]·v[:, s, h]`` where ``v`` are the
+        convolved, activated values. For data-independent kinds it is the same for every
+        batch element."""
+        z, v, feats = self._features(x, mask)
+        return self._full_matrix(feats, mask, *x.shape[:2])
