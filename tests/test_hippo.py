@@ -10,11 +10,14 @@ from ssmix import hippo
 from ssmix.hippo import (
     MEASURES,
     NPLR_MEASURES,
+    PTD_CACHE_SIZES,
     basis,
     diag_init,
     dt_init,
     nplr,
     project,
+    ptd,
+    ptd_from_table,
     rank_correction,
     reconstruct,
     transfer_function,
@@ -22,6 +25,11 @@ from ssmix.hippo import (
 )
 
 RANK = {"legt": 2}
+# Condition numbers the packaged PTD tables must stay under beyond the N = 64 target of 20
+# (measured by scripts/build_ptd_cache.py, with margin), and the worst transfer-function
+# deviation from HiPPO-LegS allowed at N = 64 (measured 0.65 of the peak response).
+PTD_KAPPA_BOUND = {128: 25.0, 256: 50.0}
+PTD_TRANSFER_BOUND = 1.0
 even_N = st.integers(1, 128).map(lambda k: 2 * k)
 
 
@@ -396,3 +404,100 @@ def test_projection_errors():
         reconstruct(np.ones(4), "legs", [0.0], elapsed=0.0)
     with pytest.raises(ValueError, match="coeffs"):
         reconstruct(np.float64(1.0), "legt", [0.0])
+
+
+# ---------------------------------------------------------------- PTD
+
+
+@pytest.mark.parametrize("N", PTD_CACHE_SIZES)
+def test_ptd_cached_quality(N):
+    res, info = ptd("legs", N, return_info=True)
+    assert info.cached
+    A, b = transition("legs", N)
+    nA = np.linalg.norm(A, 2)
+    # Recompute every figure from the returned arrays rather than trusting the info.
+    kappa = np.linalg.cond(res.V)
+    np.testing.assert_allclose(kappa, info.kappa, rtol=1e-8)
+    np.testing.assert_allclose(res.Vinv @ res.V, np.eye(N), atol=1e-9)
+    error = np.linalg.norm((res.V * res.Lambda) @ res.Vinv - A, 2) / nA
+    np.testing.assert_allclose(error, info.error, rtol=1e-8)
+    assert np.all(res.Lambda.real <= 0) and info.max_real <= 0
+    # The stability term keeps the spectrum about as far from the axis as LegS's own (−1).
+    assert info.max_real_before_fix < -0.9
+    assert info.perturbation <= 0.05 and info.error <= 0.05
+    assert np.all(np.diff(res.Lambda.imag) >= 0)
+    np.testing.assert_allclose(np.linalg.norm(res.V, axis=0), 1.0, rtol=1e-6)
+    if N <= 64:
+        assert kappa <= 20
+    else:
+        assert kappa <= PTD_KAPPA_BOUND[N]
+    # B̃ = V⁻¹ b and C̃ = c V reproduce c (A + E)^k b exactly in the modes.
+    Bt, Ct = res.input_to_modes(b), res.output_to_modes(np.ones(N))
+    np.testing.assert_allclose(Ct @ Bt, b.sum(), rtol=1e-6)
+
+
+def test_ptd_cache_matches_fresh_computation():
+    cached, info_c = ptd("legs", 8, return_info=True)
+    fresh, info_f = ptd("legs", 8, use_cache=False, return_info=True)
+    assert info_c.cached and not info_f.cached
+    assert info_c.step == info_f.step
+    # Same spectrum, and the canonical order and phase make the eigenvectors comparable too.
+    np.testing.assert_allclose(fresh.Lambda, cached.Lambda, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fresh.V, cached.V, atol=1e-6)
+    np.testing.assert_allclose(info_f.kappa, info_c.kappa, rtol=1e-5)
+    # Other arguments bypass the cache and give another, equally valid, result.
+    other, info_o = ptd("legs", 8, seed=1, return_info=True)
+    assert not info_o.cached
+    assert not np.allclose(other.Lambda, cached.Lambda)
+    assert info_o.perturbation <= 0.04 + 1e-9 and info_o.error <= 0.05
+    assert np.all(other.Lambda.real <= 0)
+
+
+def test_ptd_table_roundtrip_and_sign_fix():
+    # A table whose spectrum has a positive real part: the fix flips it and the error grows.
+    A, _ = transition("legs", 4)
+    lam_raw, V = np.linalg.eig(A + 0.5 * np.triu(np.ones((4, 4)), 1) + 0.3j)
+    res, info = ptd_from_table("legs", 4, lam_raw, V)
+    np.testing.assert_allclose(res.Lambda.real, -np.abs(lam_raw.real))
+    np.testing.assert_allclose(res.Lambda.imag, lam_raw.imag)
+    E = (V * lam_raw) @ np.linalg.inv(V) - A
+    np.testing.assert_allclose(info.perturbation, np.linalg.norm(E, 2) / np.linalg.norm(A, 2))
+    assert info.max_real <= 0 and not info.cached
+    with pytest.raises(ValueError, match="need lambda_raw"):
+        ptd_from_table("legs", 4, lam_raw[:3], V)
+
+
+def test_ptd_transfer_function_close_to_hippo(x64):
+    # The PTD diagonal system approximates LegS's transfer function uniformly (the PTD claim:
+    # strong convergence), much better than the S4D-LegS diagonal part does.
+    N = 64
+    A, b = transition("legs", N)
+    c = np.cos(np.arange(N))
+    omega = np.linspace(-200, 200, 801)
+    ref = np.asarray(transfer_function(A, b, c, omega))
+    res = ptd("legs", N)
+    got = transfer_function(res.Lambda, res.input_to_modes(b), res.output_to_modes(c), omega)
+    Lambda, _, Bt, V = nplr("legs", N)
+    s4d = transfer_function(Lambda, Bt, c @ V, omega, conj_symmetric=True)
+    ptd_err = np.max(np.abs(np.asarray(got) - ref)) / np.max(np.abs(ref))
+    s4d_err = np.max(np.abs(np.asarray(s4d) - ref)) / np.max(np.abs(ref))
+    assert ptd_err < PTD_TRANSFER_BOUND and ptd_err < s4d_err / 3, (ptd_err, s4d_err)
+
+
+def test_ptd_errors():
+    with pytest.raises(ValueError, match="measure must be one of"):
+        ptd("legx", 8)
+    with pytest.raises(ValueError, match="positive integer"):
+        ptd("legs", 0)
+    with pytest.raises(ValueError, match="lr must be"):
+        ptd("legs", 8, lr=-1.0)
+    with pytest.raises(ValueError, match="lam must be"):
+        ptd("legs", 8, lam=-1.0)
+    with pytest.raises(ValueError, match="max_perturbation"):
+        ptd("legs", 8, max_perturbation=0.2)
+    with pytest.raises(ValueError, match="steps"):
+        ptd("legs", 8, steps=0)
+    with pytest.raises(ValueError, match="seed"):
+        ptd("legs", 8, seed=1.5)
+    with pytest.raises(ValueError, match="margin"):
+        ptd("legs", 8, margin=-1.0)
