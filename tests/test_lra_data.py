@@ -220,10 +220,26 @@ def test_batching_padding_and_order(tmp_path):
     assert lra.padded_length(np.array([9]), 4, max_len=8) == 8
     batches = list(lra.eval_batches(data, split, 2, pad_multiple=4))
     assert [b["weight"].tolist() for b in batches] == [[1.0, 1.0], [1.0, 0.0]]
-    assert [b["y"].tolist() for b in batches] == [[1, 2], [3, 1]]
+    assert [b["y"].tolist() for b in batches] == [[2, 1], [3, 2]]  # shortest first
     # The order of an epoch is a pure function of (seed, epoch).
     a = lra.epoch_order(50, seed=3, epoch=2)
     np.testing.assert_array_equal(a, lra.epoch_order(50, seed=3, epoch=2))
     assert sorted(a.tolist()) == list(range(50))
     assert not np.array_equal(a, lra.epoch_order(50, seed=3, epoch=1))
     assert not np.array_equal(a, lra.epoch_order(50, seed=4, epoch=2))
+
+
+def test_length_grouped_batches():
+    lengths = np.random.default_rng(0).integers(1, 1000, 103)
+    plain = lra.epoch_batches(lengths, 8, seed=1, epoch=0)
+    np.testing.assert_array_equal(plain.reshape(-1), lra.epoch_order(103, 1, 0)[:96])
+    grouped = lra.epoch_batches(lengths, 8, seed=1, epoch=0, length_grouping=4)
+    np.testing.assert_array_equal(grouped, lra.epoch_batches(lengths, 8, 1, 0, length_grouping=4))
+    # The same examples as the plain order, regrouped: batches of similar length.
+    assert sorted(grouped.reshape(-1).tolist()) == sorted(plain.reshape(-1).tolist())
+    spread = lambda b: (lengths[b].max(1) - lengths[b].min(1)).mean()
+    assert spread(grouped) < 0.5 * spread(plain)
+    pad = lambda b: lengths[b].max(1).sum()
+    assert pad(grouped) < pad(plain)
+    other_epoch = lra.epoch_batches(lengths, 8, seed=1, epoch=1, length_grouping=4)
+    assert not np.array_equal(grouped, other_epoch)

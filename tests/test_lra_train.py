@@ -81,16 +81,13 @@ def test_cli_run_learns_and_evaluates(listops_dir, tmp_path, toy_mixer, capsys):
     assert [r["step"] for r in rows if r["split"] == "val"] == [20, 40, 60, 80]
     assert (run / "curves.png").stat().st_size > 0
     assert (run / "checkpoints" / "80").is_dir()
-    test_row = next(r for r in rows if r["split"] == "test")
-    # The evaluate CLI restores the final checkpoint and reproduces the test accuracy.
-    assert lra_evaluate.main(["--checkpoint", str(run), "--split", "test"]) == 0
-    assert f"accuracy {test_row['accuracy']:.4f}" in capsys.readouterr().out
-    result = lra_evaluate.evaluate_checkpoint(run / "checkpoints" / "40", splits=("val",))
-    assert result["step"] == 40
-    row40 = next(r for r in rows if r["split"] == "val" and r["step"] == 40)
-    assert result["val"]["count"] == row40["count"] == 48
-    assert result["val"]["accuracy"] == pytest.approx(row40["accuracy"], abs=1e-9)
-    assert result["val"]["loss"] == pytest.approx(row40["loss"], rel=1e-6)
+    # The evaluate CLI restores the final checkpoint (given as a step folder) and reproduces
+    # the validation and test metrics written at the end of training.
+    assert lra_evaluate.main(["--checkpoint", str(run / "checkpoints" / "80")]) == 0
+    printed = capsys.readouterr().out
+    for split in ("val", "test"):
+        row = [r for r in rows if r["split"] == split][-1]
+        assert f"step 80 {split}: accuracy {row['accuracy']:.4f}, loss {row['loss']:.4f}" in printed
     # An existing run is never silently overwritten.
     with pytest.raises(FileExistsError, match="--resume"):
         lra_train.main(args + sum((["--set", s] for s in sets), []))
@@ -99,19 +96,19 @@ def test_cli_run_learns_and_evaluates(listops_dir, tmp_path, toy_mixer, capsys):
 
 
 def test_resume_reproduces_uninterrupted_run(listops_dir, tmp_path, toy_mixer):
-    """Interrupted by SIGINT at step 13 (between log, eval and checkpoint steps) and resumed,
-    the run writes exactly the metrics of an uninterrupted run."""
-    base = _toy_overrides(listops_dir, tmp_path, epochs=2, ckpt_every=100)
+    """Interrupted by SIGINT at step 23 (between log, eval and checkpoint steps, in the
+    second epoch) and resumed, the run writes exactly the metrics of an uninterrupted run."""
+    base = _toy_overrides(listops_dir, tmp_path, epochs=2, ckpt_every=100, eval_every=15)
     full = lra_train.train(make_config("listops", "s4d", "demo", {**base, "run_name": "a"}))
     cfg = make_config("listops", "s4d", "demo", {**base, "run_name": "b"})
 
     def interrupt(step):
-        if step == 13:
+        if step == 23:
             os.kill(os.getpid(), signal.SIGINT)
 
     part = lra_train.train(cfg, on_step=interrupt)
-    assert part["status"] == "interrupted" and part["step"] == 13
-    assert (tmp_path / "b" / "checkpoints" / "13").is_dir()
+    assert part["status"] == "interrupted" and part["step"] == 23
+    assert (tmp_path / "b" / "checkpoints" / "23").is_dir()
     resumed = lra_train.train(cfg, resume=True)
     assert resumed["status"] == "done" and resumed["step"] == full["step"] == 40
     rows_a = _comparable(lra_train.read_metrics(tmp_path / "a" / "metrics.jsonl"))
@@ -141,8 +138,7 @@ for step in range(3):
     exp.train_step(step)
 batch = exp.device_batch(exp.train_batch(0))
 leaves = jax.tree.leaves(jax.device_get(exp.state["params"]))
-np.savez({out!r}, *leaves, n_shards=len(batch["x"].addressable_shards),
-         val=np.array(list(exp.evaluate("val").values())))
+np.savez({out!r}, *leaves, n_shards=len(batch["x"].addressable_shards))
 """
 
 
@@ -165,11 +161,9 @@ def test_four_devices_match_one(listops_dir, tmp_path, toy_mixer):
     for step in range(3):
         exp.train_step(step)
     leaves = jax.tree.leaves(jax.device_get(exp.state["params"]))
-    assert len(leaves) == len(four.files) - 2
+    assert len(leaves) == len(four.files) - 1
     for i, leaf in enumerate(leaves):
         np.testing.assert_allclose(four[f"arr_{i}"], leaf, rtol=2e-5, atol=2e-6)
-    val = np.array(list(exp.evaluate("val").values()))
-    np.testing.assert_allclose(four["val"], val, rtol=1e-5)
 
 
 def test_configs_for_every_task_and_model():
@@ -232,19 +226,28 @@ def _tiny(cfg_model, task):
     })  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "model, task, kind, paired",
-    [(m, "listops", "tokens", False) for m in MODELS]
-    + [("s4d", "image", "pixels", False), ("s4d", "retrieval", "tokens", True)],
-)
-def test_every_model_takes_a_training_step(model, task, kind, paired):
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_takes_a_training_step(model):
+    """Each configured model (tiny sizes) builds and trains on ListOps-like tokens; a model
+    whose layer has not landed fails with a clear error naming the issue, and is skipped."""
     try:
         lra_models.mixer_class(model)
     except lra_models.LayerUnavailable as e:
         assert f"issue {lra_models.MIXERS[model][1]}" in str(e)
         pytest.skip(str(e))
-    cfg = _tiny(model, task)
-    exp = lra_train.Experiment(cfg, _synthetic(kind, paired))
+    _step_and_check(_tiny(model, "listops"), _synthetic("tokens"))
+
+
+@pytest.mark.parametrize("task, kind, paired", [("image", "pixels", False),
+                                                ("retrieval", "tokens", True)])  # fmt: skip
+def test_pixel_and_paired_inputs_train(task, kind, paired, toy_mixer):
+    tiny = {"d_model": 8, "n_layers": 1, "batch_size": 4, "max_len": 24, "pad_multiple": 24}
+    cfg = make_config(task, "s4d", "demo", {**tiny, "mixer": {}})
+    _step_and_check(cfg, _synthetic(kind, paired))
+
+
+def _step_and_check(cfg, data):
+    exp = lra_train.Experiment(cfg, data)
     before = jax.tree.leaves(jax.device_get(exp.state["params"]))
     exp.train_step(0)
     exp.train_step(1)

@@ -70,6 +70,7 @@ class Config:
     # Data.
     max_len: int = 2048
     pad_multiple: int = 2048  # batch length = longest sequence rounded up to this
+    length_grouping: int = 0  # > 0: batches of similar length, sorted in windows of N batches
     train_limit: int = 0  # 0: all training examples, else the first N
     eval_limit: int = 0  # 0: all validation / test examples, else the first N
     eval_batch_size: int = 0  # 0: batch_size
@@ -208,12 +209,23 @@ MODEL_MIXER: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 MIXER_DROP: dict[str, tuple[str, ...]] = {"hydra": ("d_state", "bidirectional", "dt_min")}
 
-# A CPU-sized model for the demo and the quick tests: small, short, bucketed lengths.
+# A CPU-sized model for the demo and quick runs: small, length-grouped batches. Calibrated
+# on the generated ListOps set (500 < length < 2000, majority class ~18 %): S4D reaches ~37 %
+# validation accuracy after 600 steps.
 DEMO: dict[str, Any] = dict(
-    n_layers=4, d_model=64, batch_size=32, epochs=1, lr=4e-3, ssm_lr=1e-3, weight_decay=0.01,
-    warmup_ratio=0.05, dropout=0.0, pad_multiple=512, log_every=20, eval_every=250,
-    ckpt_every=250, eval_limit=500, mixer={"d_state": 64},
+    n_layers=4, d_model=32, batch_size=16, epochs=1, lr=1e-2, ssm_lr=2e-3, weight_decay=0.05,
+    warmup_ratio=0.1, dropout=0.0, pad_multiple=512, length_grouping=20, log_every=25,
+    eval_every=300, ckpt_every=300, eval_limit=500, eval_batch_size=32, mixer={"d_state": 32},
 )  # fmt: skip
+# Layer arguments the demo adds per family. Measured on the demo set: Δ initialised in
+# [1e-4, 1e-2] (longer memory) gets S4D from the 18 % plateau to 37 % validation accuracy by
+# step 600, against 27 % with the default [1e-3, 1e-1]; S5 gets the same range by analogy.
+# The FFT convolution trains S4 / S4D about 2x faster than the chunked default at this shape
+# on CPU (B = 16, H = 32, N = 32, L = 1024 and 2048, forward + backward).
+DEMO_MIXER: dict[str, dict[str, Any]] = {
+    "s4": {"mode": "fft", "dt_min": 1e-4, "dt_max": 1e-2},
+    "s5": {"dt_min": 1e-4, "dt_max": 1e-2},
+}
 
 
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -302,6 +314,8 @@ def make_config(
         demo = dict(DEMO)
         # The demo shrinks layer arguments the model has (the state size), adds none.
         mixer.update({k: v for k, v in demo.pop("mixer").items() if k in mixer})
+        if model not in MIXER_DROP:
+            mixer.update(DEMO_MIXER.get(family, {}))
         settings.update(demo)
     values.update(settings)
     values["mixer"] = mixer

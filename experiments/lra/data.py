@@ -33,7 +33,8 @@ file and line (nothing half-loaded is returned); a missing folder raises
 
 Batching: sequences are stored ragged (concatenated tokens + offsets); a batch is padded to
 the longest sequence rounded up to ``pad_multiple`` (at most ``max_len``), with a boolean
-mask (True = valid). The training order is a pure function of ``(seed, epoch)``.
+mask (True = valid). The training order is a pure function of ``(seed, epoch)``;
+optionally batches group examples of similar length (:func:`epoch_batches`).
 """
 
 from __future__ import annotations
@@ -474,6 +475,38 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def example_lengths(split: Split) -> np.ndarray:
+    """``(N,)`` length of each example (the longer input of a retrieval pair)."""
+    lengths = split.inputs.lengths
+    return lengths if split.inputs2 is None else np.maximum(lengths, split.inputs2.lengths)
+
+
+def epoch_batches(
+    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, *, length_grouping: int = 0
+) -> np.ndarray:
+    """The ``(steps, batch_size)`` example indices of epoch ``epoch`` (a pure function of
+    ``(seed, epoch)``); the last ``n mod batch_size`` examples of the order are dropped.
+
+    With ``length_grouping = g > 0`` the shuffled order is cut into windows of ``g`` batches,
+    each window sorted by length, and the batches shuffled again: batches hold examples of
+    similar length, so padding to the longest one wastes little (random batches of ListOps
+    almost always pad to the maximum length).
+    """
+    order = epoch_order(len(lengths), seed, epoch)
+    steps = len(lengths) // batch_size
+    order = order[: steps * batch_size]
+    if length_grouping <= 0:
+        return order.reshape(steps, batch_size)
+    window = length_grouping * batch_size
+    grouped = np.concatenate(
+        [
+            chunk[np.argsort(lengths[chunk], kind="stable")]
+            for chunk in np.split(order, range(window, len(order), window))
+        ]
+    ).reshape(steps, batch_size)
+    return grouped[np.random.default_rng([seed, epoch, 1]).permutation(steps)]
+
+
 def padded_length(lengths: np.ndarray, pad_multiple: int, max_len: int) -> int:
     """The batch length: the longest sequence rounded up to ``pad_multiple``, capped at
     ``max_len`` (fewer distinct shapes means fewer compilations)."""
@@ -515,13 +548,15 @@ def make_batch(
 def eval_batches(
     data: TaskData, split: Split, batch_size: int, *, pad_multiple: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every example of ``split`` in order, in batches of exactly ``batch_size``; the last
-    batch is filled with repeats of example 0 at weight 0."""
+    """Every example of ``split`` once, in batches of exactly ``batch_size``, shortest first
+    (similar lengths share a batch, so little padding); the last batch is filled with
+    repeats of the first example at weight 0."""
     n = len(split)
+    order = np.argsort(example_lengths(split), kind="stable")
     for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n))
+        idx = order[start : start + batch_size]
         weights = np.ones(batch_size, dtype=np.float32)
         if len(idx) < batch_size:
             weights[len(idx) :] = 0.0
-            idx = np.concatenate([idx, np.zeros(batch_size - len(idx), dtype=idx.dtype)])
+            idx = np.concatenate([idx, np.full(batch_size - len(idx), order[0])])
         yield make_batch(data, split, idx, pad_multiple=pad_multiple, weights=weights)

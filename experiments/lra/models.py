@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 
 from flax import nnx
 
@@ -27,6 +28,9 @@ MIXERS: dict[str, tuple[str, int]] = {
     "hydra": ("Hydra", 6),
     "attention": ("Attention", 7),
 }
+# Models that need an initialiser of their layer's registry (``<Class>_INITS`` in the
+# layer's module): model name -> init name.
+REQUIRED_INIT = {"s4-ptd": "ptd", "s5-ptd": "ptd"}
 
 
 class LayerUnavailable(ImportError):
@@ -45,6 +49,14 @@ def mixer_class(model: str) -> type[nnx.Module]:
             f"model {model!r} needs ssmix.layers.{name}, which is not in this checkout yet "
             f"(it is provided by issue {issue})"
         )
+    init = REQUIRED_INIT.get(model)
+    if init is not None:
+        registry = getattr(sys.modules[cls.__module__], f"{name}_INITS", ())
+        if init not in registry:
+            raise LayerUnavailable(
+                f"model {model!r} needs {name}(init={init!r}), which this checkout's {name} "
+                f"does not offer yet (it is provided by issue {issue})"
+            )
     return cls
 
 

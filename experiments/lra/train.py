@@ -10,7 +10,8 @@
   the state replicated; XLA inserts the gradient all-reduce and computes BatchNorm statistics
   over the global batch. With ``--distributed`` (``jax.distributed.initialize()``, e.g. under
   SLURM) each process feeds its slice of the global batch.
-- Exact resume: the order of epoch e is a pure function of (seed, e), dropout keys are
+- Exact resume: the batches of epoch e are a pure function of (seed, e) (optionally grouped
+  by length, ``length_grouping``), dropout keys are
   ``fold_in(key(seed), step)``, and the log window sums live in the checkpointed state, so
   ``--resume`` replays the remaining steps and writes the same metrics as an uninterrupted
   run. Checkpoints (orbax) every ``ckpt_every`` steps, at the end and on Ctrl-C (the first
@@ -47,8 +48,9 @@ from experiments.lra.data import (
     Ragged,
     Split,
     TaskData,
-    epoch_order,
+    epoch_batches,
     eval_batches,
+    example_lengths,
     load_task,
 )
 from experiments.lra.data import make_batch as make_host_batch
@@ -132,6 +134,8 @@ class Experiment:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup_steps = min(int(cfg.warmup_ratio * self.total_steps), self.total_steps - 1)
         self.eval_every = cfg.eval_every or self.steps_per_epoch
+        self._train_lengths = example_lengths(data.train)
+        self._epoch_batches: tuple[int, np.ndarray | None] = (-1, None)
 
         model = build_model(cfg, data, rngs=nnx.Rngs(cfg.seed))
         self.n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -250,8 +254,13 @@ class Experiment:
         """The host batch of global step ``step``: batch ``step % steps_per_epoch`` of epoch
         ``step // steps_per_epoch`` (a pure function of the seed and the step)."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = epoch_order(len(self.data.train), self.cfg.seed, epoch)
-        idx = order[index * self.cfg.batch_size : (index + 1) * self.cfg.batch_size]
+        if self._epoch_batches[0] != epoch:
+            batches = epoch_batches(
+                self._train_lengths, self.cfg.batch_size, self.cfg.seed, epoch,
+                length_grouping=self.cfg.length_grouping,
+            )  # fmt: skip
+            self._epoch_batches = (epoch, batches)
+        idx = self._epoch_batches[1][index]
         return make_host_batch(self.data, self.data.train, idx, pad_multiple=self.cfg.pad_multiple)
 
     def train_step(self, step: int | None = None) -> None:
