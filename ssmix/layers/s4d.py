@@ -43,10 +43,26 @@ def _hippo_diag(kind: str) -> Callable:
     return init
 
 
+def _ptd(d_state: int, d_model: int, key: jax.Array):
+    """S4-PTD modes: the ``N/2`` modes of :func:`ssmix.hippo.ptd` for HiPPO-LegS of size ``N/2``.
+
+    The perturbed spectrum is not conjugate-paired, so instead of one half of ``N/2`` pairs
+    the layer's ``N/2`` stored modes are *all* modes of the size-``N/2`` PTD system (sign-fixed
+    ``Λ̃``, ``B = Ṽ⁻¹ b`` with the LegS ``b``, unclipped). The kernel ``2·Re Σ C B̄ Ā^ℓ`` is
+    then that system plus its complex conjugate: the same real state count ``N`` and parameter
+    count as S4D-LegS at ``d_state = N``. ``C`` keeps S4D's complex-normal initialisation.
+    """
+    res = hippo.ptd("legs", d_state // 2)
+    B = res.Vinv @ hippo.transition("legs", d_state // 2)[1]
+    shape = (d_model, d_state // 2)
+    return np.broadcast_to(res.Lambda, shape), np.broadcast_to(B, shape)
+
+
 #: S4D initialisations: name -> ``(d_state, d_model, key) -> (A (H, N/2), B (H, N/2))``.
 S4D_INITS: dict[str, Callable] = {
     kind: _hippo_diag(kind) for kind in ("lin", "inv", "legs", "real", "random")
 }
+S4D_INITS["ptd"] = _ptd
 
 
 class S4D(LTISSM):
@@ -62,7 +78,7 @@ class S4D(LTISSM):
       d_state: N, full state size (even; N/2 complex modes are stored).
       channels: output channels per feature (output ``channels·H`` features).
       init: a key of :data:`S4D_INITS` (``"lin"``, ``"inv"``, ``"legs"``, ``"real"``,
-        ``"random"``).
+        ``"random"``, ``"ptd"`` for S4-PTD).
       disc: ``"zoh"``, ``"bilinear"`` or ``"dss"`` (see
         :func:`~ssmix.kernels.vandermonde.discretize_diag`).
       l_max: the normalisation length of ``disc="dss"`` (required there, unused otherwise).

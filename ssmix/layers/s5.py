@@ -17,6 +17,10 @@ Initialisation (``init``):
 - ``"legs"`` (S5's HiPPO-N): ``Λ`` and the unitary ``V`` of the normal part of HiPPO-LegS of
   size ``P/J`` (:func:`ssmix.hippo.nplr`), repeated on the diagonal of ``J = blocks`` blocks
   (``Λ`` tiled ``J`` times, ``V`` block-diagonal, ``V⁻¹ = V*``).
+- ``"ptd"`` (S5-PTD): ``(Λ̃, Ṽ, Ṽ⁻¹)`` of the perturbed-then-diagonalised HiPPO-LegS of size
+  ``P/J`` (:func:`ssmix.hippo.ptd`, which applies the sign fix ``Re Λ ← −|Re Λ|`` of
+  REFERENCE.md §6), blocks as above. The perturbed spectrum is not conjugate-paired, so
+  ``conj_sym`` must be False.
 
 ``B ~ lecun_normal`` ``(P, H)`` (fan-in ``H``); ``C`` by ``C_init``: ``"trunc_standard_normal"``
 (complex ``(H, P)``, real and imaginary parts truncated normal with variance ``1/P``, then
@@ -33,6 +37,7 @@ Modes (``mode``): ``"sequential"``, ``"associative"`` and ``"chunked"`` pick the
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -52,7 +57,7 @@ __all__ = ["S5", "S5_INITS", "C_INITS", "MODES", "auto_mode"]
 MODES = ("auto", "sequential", "associative", "chunked", "materialized")
 
 #: Initialisations of the S5 state matrix.
-S5_INITS = ("legs",)
+S5_INITS = ("legs", "ptd")
 
 #: Initialisations of the output matrix.
 C_INITS = ("trunc_standard_normal", "lecun_normal", "complex_normal")
@@ -78,14 +83,30 @@ def _block_diag(block: np.ndarray, J: int) -> np.ndarray:
     return np.kron(np.eye(J), block)
 
 
+def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Read-only copies (the cached results below are shared)."""
+    out = tuple(np.array(a, dtype=np.complex128) for a in arrays)
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
 def _modes(init: str, block: int, conj_sym: bool):
-    """``(Λ (m,), V (block, m), V⁻¹ (m, block))`` of one block, complex128."""
-    Lambda, _, _, V = hippo.nplr(init, block)  # half modes, Im ≤ 0, ascending
+    """``(Λ (m,), V (block, m), V⁻¹ (m, block))`` of one block, complex128.
+
+    Cached: every layer of a model shares them, and a PTD block outside the packaged table
+    costs an optimisation (seconds).
+    """
+    if init == "ptd":
+        res = hippo.ptd("legs", block)
+        return _frozen(res.Lambda, res.V, res.Vinv)
+    Lambda, _, _, V = hippo.nplr("legs", block)  # half modes, Im ≤ 0, ascending
     if not conj_sym:
         # Full spectrum, ascending imaginary part as an eigensolver returns it.
         Lambda = np.concatenate([Lambda, Lambda.conj()[::-1]])
         V = np.concatenate([V, V.conj()[:, ::-1]], axis=1)
-    return Lambda, V, V.conj().T
+    return _frozen(Lambda, V, V.conj().T)
 
 
 class S5(nnx.Module):
@@ -97,7 +118,7 @@ class S5(nnx.Module):
       d_model: H, features in and out.
       d_state: P, full state size (divisible by ``blocks``; each block ``P/J`` even).
       blocks: J, blocks of the block-diagonal HiPPO initialisation.
-      init: ``"legs"`` (HiPPO-N).
+      init: ``"legs"`` (HiPPO-N) or ``"ptd"`` (S5-PTD, needs ``conj_sym=False``).
       conj_sym: store one mode per conjugate pair and output ``2·Re(·)``.
       C_init: ``"trunc_standard_normal"``, ``"lecun_normal"`` or ``"complex_normal"``.
       disc: ``"zoh"`` or ``"bilinear"``.
@@ -151,6 +172,10 @@ class S5(nnx.Module):
             raise ValueError(
                 f"d_state must split into blocks of even size: d_state / blocks = "
                 f"{d_state} / {blocks} is not an even integer"
+            )
+        if init == "ptd" and conj_sym:
+            raise ValueError(
+                "init='ptd' needs conj_sym=False: the perturbed spectrum is not conjugate-paired"
             )
         if not (isinstance(step_rescale, (int, float)) and step_rescale > 0):
             raise ValueError(f"step_rescale must be a positive number; got {step_rescale!r}")
