@@ -4,8 +4,8 @@ S4-family state space models, Hydra's quasiseparable mixer and Kronecker / highe
 attention as tested, fast building blocks. See README.md for the table of layers and modes.
 """
 
-from ssmix import kernels, testing
+from ssmix import blocks, hippo, kernels, layers, optim, testing
 
 __version__ = "0.1.0"
 
-__all__ = ["kernels", "testing", "__version__"]
+__all__ = ["blocks", "hippo", "kernels", "layers", "optim", "testing", "__version__"]
