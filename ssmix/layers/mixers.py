@@ -44,7 +44,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax import lax
 
 from ssmix._checks import check_choice, check_ndim, check_positive_int
 from ssmix.kernels.fftconv import fft_conv_bidirectional
@@ -108,6 +110,65 @@ def dt_bias_init(
     return inverse_softplus(jnp.maximum(dt, floor))
 
 
+@jax.custom_vjp
+def depthwise_conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``y[:, t] = Σ_i w[i]·x[:, t + i − left]`` with ``left = (K − 1) // 2``, zero padding.
+
+    ``x (B, L, C)``, ``w (K, C)`` -> ``(B, L, C)``. Both passes are sums of ``K`` shifted
+    slices (the gradient with respect to ``x`` is the same sum with the taps reversed), each
+    computed one batch element at a time: XLA:CPU would otherwise recompute the sum inside
+    every consumer and materialise the ``K`` shifted inputs they share (``K`` copies of ``x``),
+    and differentiating the slices automatically adds one padded copy of the cotangent per tap.
+    """
+    return _per_batch(lambda xb: _shifted_sum(xb, w, (w.shape[0] - 1) // 2), x)
+
+
+def _per_batch(f, x):
+    """``f`` applied to each ``x[b:b+1]``, written in place into one output."""
+
+    def body(b, out):
+        return lax.dynamic_update_index_in_dim(out, f(x[b][None])[0], b, axis=0)
+
+    return lax.fori_loop(0, x.shape[0], body, jnp.zeros_like(x))
+
+
+def _shift(x, d):
+    """``x[:, t + d]`` at position ``t``, zero outside the sequence."""
+    if abs(d) >= x.shape[1]:
+        return jnp.zeros_like(x)
+    if d > 0:
+        return jnp.pad(x[:, d:], ((0, 0), (0, d), (0, 0)))
+    if d < 0:
+        return jnp.pad(x[:, :d], ((0, 0), (-d, 0), (0, 0)))
+    return x
+
+
+def _shifted_sum(x, w, left):
+    return sum(_shift(x, i - left) * w[i] for i in range(w.shape[0]))
+
+
+def _depthwise_conv_fwd(x, w):
+    return depthwise_conv_same(x, w), (x, w)
+
+
+def _depthwise_conv_bwd(residuals, g):
+    x, w = residuals
+    K = w.shape[0]
+    left = (K - 1) // 2
+    # dx[s] = Σ_i w[i]·g[s − i + left]: the forward sum with reversed taps.
+    gx = _per_batch(lambda gb: _shifted_sum(gb, jnp.flip(w, 0), K - 1 - left), g)
+
+    def tap_grads(b, acc):
+        gb, xb = g[b][None], x[b][None]
+        return acc + jnp.stack([jnp.sum(gb * _shift(xb, i - left), axis=(0, 1)) for i in range(K)])
+
+    gw = lax.fori_loop(0, x.shape[0], tap_grads, jnp.zeros_like(w))
+    return gx, gw
+
+
+depthwise_conv_same.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+
+
 class ShortConv(nnx.Module):
     """Depthwise, non-causal 1-D convolution with "same" padding: ``(B, L, C) -> (B, L, C)``.
 
@@ -140,11 +201,7 @@ class ShortConv(nnx.Module):
         check_ndim("x", x, 3, f"(B, L, C={self.channels})")
         if x.shape[-1] != self.channels:
             raise ValueError(f"x must have {self.channels} channels; got {x.shape}")
-        K, L = self.kernel_size, x.shape[1]
-        left = (K - 1) // 2
-        w = self.weight[...].astype(x.dtype)
-        xp = jnp.pad(zero_padding(x, mask), ((0, 0), (left, K - 1 - left), (0, 0)))
-        y = sum(xp[:, i : i + L] * w[i] for i in range(K))
+        y = depthwise_conv_same(zero_padding(x, mask), self.weight[...].astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return zero_padding(y, mask)
@@ -175,6 +232,15 @@ class GatedRMSNorm(nnx.Module):
         rms = jax.lax.rsqrt(jnp.mean(y32 * y32, axis=-1, keepdims=True) + self.eps)
         out = y32 * rms * self.weight[...] * jax.nn.silu(z.astype(y32.dtype))
         return out.astype(y.dtype)
+
+
+def _linear(layer: nnx.Linear, x: jax.Array, start: int = 0, stop: int | None = None):
+    """``layer(x)`` restricted to output columns ``start:stop``, as one 2-D matmul."""
+    w = layer.kernel[..., start:stop]
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w.astype(x.dtype))
+    if layer.bias is not None:
+        y = y + layer.bias[start:stop].astype(y.dtype)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 class GatedConvWrapper(nnx.Module):
@@ -214,15 +280,17 @@ class GatedConvWrapper(nnx.Module):
         conv_dim)`` (before any activation; zero at padded positions) and the extra part
         ``(B, L, extra_dim)``."""
         check_input(x, self.d_model, mask)
-        p = self.in_proj(x)
-        z = p[..., : self.d_inner]
-        c = p[..., self.d_inner : self.d_inner + self.conv_dim]
-        e = p[..., self.d_inner + self.conv_dim :]
+        # One matmul per part with a column block of in_proj's weight, over flattened leading
+        # axes: slicing one (B, L, total) product would make every part's gradient a padded
+        # full-width copy, and its weight gradient a transpose of that copy.
+        edges = np.cumsum([0, self.d_inner, self.conv_dim, self.extra_dim])
+        parts = [_linear(self.in_proj, x, a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        z, c, e = parts
         return z, self.conv(c, mask), e
 
     def output(self, y: jax.Array, z: jax.Array) -> jax.Array:
         """Mixer output ``y (B, L, d_inner)`` and gate ``z`` -> ``(B, L, d_model)``."""
-        return self.out_proj(self.norm(y, z))
+        return _linear(self.out_proj, self.norm(y, z))
 
 
 # --------------------------------------------------------------------------------------
