@@ -1,6 +1,18 @@
 """Shared test fixtures. Exactness tests run under float64 through the `x64` fixture."""
 
-import jax
+import os
+
+# XLA:CPU's multi-threaded Eigen pool can deadlock when a batched LAPACK call (or a threaded
+# FFT) inside a jitted computation schedules work onto the pool it runs on (jaxlib 0.10; see
+# README, Known issues). The suite runs one process per core anyway, so it runs every
+# computation single-threaded. Set before jax creates its CPU backend.
+if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
 import pytest
 from hypothesis import HealthCheck, settings
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssmix._checks import check_ndim, check_positive_int
-from ssmix.kernels.vandermonde import ChunkOps, _matrix_power
+from ssmix.kernels.vandermonde import ChunkOps
 
 __all__ = [
     "DPLRStep",
@@ -127,7 +127,30 @@ def dplr_step_setup(Lambda, P, B, dt) -> DPLRStep:
     S = jnp.eye(rank, dtype=dt.dtype) + 2 * jnp.real(
         jnp.einsum("rhn,hn,shn->hrs", jnp.conj(P), D, P)
     )
-    return DPLRStep(two_dt + Lambda, D, P, jnp.linalg.inv(S), B)
+    return DPLRStep(two_dt + Lambda, D, P, _small_inverse(S), B)
+
+
+def _small_inverse(S):
+    """Inverse of small ``(…, r, r)`` matrices by unrolled Gauss–Jordan elimination.
+
+    ``S = I + P* D P`` has a positive-definite symmetric part (``Re D > 0`` for a stable
+    ``Λ``), so elimination without pivoting is stable. Written out instead of calling
+    ``jnp.linalg.inv``: a batched LAPACK call inside a jitted layer can deadlock XLA:CPU's
+    intra-op thread pool (jaxlib 0.10; see README, Known issues).
+    """
+    r = S.shape[-1]
+    if r == 1:
+        return 1 / S
+    A = S
+    inv = jnp.broadcast_to(jnp.eye(r, dtype=S.dtype), S.shape)
+    for i in range(r):
+        pivot = A[..., i : i + 1, i : i + 1]
+        row_a, row_i = A[..., i : i + 1, :] / pivot, inv[..., i : i + 1, :] / pivot
+        factor = A[..., :, i : i + 1]
+        not_i = (jnp.arange(r) != i)[:, None]
+        A = jnp.where(not_i, A - factor * row_a, row_a)
+        inv = jnp.where(not_i, inv - factor * row_i, row_i)
+    return inv
 
 
 def _apply_A1(params: DPLRStep, w):
@@ -242,7 +265,13 @@ def _woodbury(r_cb, r_cp, r_pb, r_pp, beta):
         z = r_pb[..., 0] / (1 + beta * r_pp[..., 0, 0])
         return r_cb - beta * r_cp[..., 0] * z
     M = jnp.eye(rank, dtype=r_pp.dtype) + beta[..., None, None] * r_pp
-    z = jnp.linalg.solve(M, r_pb[..., None])[..., 0]  # (H, F, rank)
+    if rank == 2:  # Cramer's rule: no batched LAPACK call (README, Known issues)
+        det = M[..., 0, 0] * M[..., 1, 1] - M[..., 0, 1] * M[..., 1, 0]
+        z0 = (M[..., 1, 1] * r_pb[..., 0] - M[..., 0, 1] * r_pb[..., 1]) / det
+        z1 = (M[..., 0, 0] * r_pb[..., 1] - M[..., 1, 0] * r_pb[..., 0]) / det
+        z = jnp.stack([z0, z1], axis=-1)
+    else:
+        z = jnp.linalg.solve(M, r_pb[..., None])[..., 0]  # (H, F, rank)
     return r_cb - beta * jnp.sum(r_cp * z, axis=-1)
 
 
@@ -271,7 +300,8 @@ def dplr_ssm_kernel(Lambda, P, B, C, dt, L: int):
     rank = P.shape[0]
     # C̃ = C (I − Ā^L): C Ā^L from the real dense Ā, read back as a half-mode row.
     dA, dB, C_r = dplr_dense(Lambda, P, B, C, dt)
-    v = jnp.einsum("chs,hst->cht", C_r, _matrix_power(dA, L))
+    power, total = _power_and_sum(dA, dB, L)  # Ā^L and Σ_{ℓ<L} Ā^ℓ B̄
+    v = jnp.einsum("chs,hst->cht", C_r, power)
     C_t = C - (v[..., :N2] - 1j * v[..., N2:]) / 2
 
     # Weights of the Cauchy sums over the full state, stored as half products w (the second
@@ -317,12 +347,34 @@ def dplr_ssm_kernel(Lambda, P, B, C, dt, L: int):
     r_pp = sums[..., i:].reshape(H, F, rank, rank)
     k_hat = 2 * _woodbury(r_cb, r_cp, r_pb[None], r_pp[None], beta)
     # At ω = 1 a mode with Λ_n ≈ 0 (FouT) makes the two Woodbury terms huge and nearly
-    # cancelling; Σ_ℓ K_ℓ = C̃ (I − Ā)⁻¹ B̄ by a dense solve is well conditioned whenever A is.
-    eye = jnp.eye(dA.shape[-1], dtype=dA.dtype)
-    dc = jnp.einsum("chs,hs->ch", C_r - v, jnp.linalg.solve(eye - dA, dB[..., None])[..., 0])
+    # cancelling; Σ_ℓ K_ℓ = C̃ (I − Ā)⁻¹ B̄ = C Σ_{ℓ<L} Ā^ℓ B̄ is exact from the dense powers.
+    dc = jnp.einsum("chs,hs->ch", C_r, total)
     k_hat = k_hat.at[..., 0].set(dc.astype(k_hat.dtype))
     K = jnp.fft.irfft(k_hat, n=L, axis=-1)
     return K if has_channels else K[0]
+
+
+def _power_and_sum(M, b, n: int):
+    """``(M^n, Σ_{ℓ<n} M^ℓ b)`` for a static ``n ≥ 1`` by binary powering (no solve).
+
+    ``M (…, S, S)``, ``b (…, S)``. Uses ``(M^r, s_r) ∘ (M^m, s_m) = (M^r M^m, s_r + M^r s_m)``.
+    """
+    result = None
+    base = (M, b)
+    while n:
+        if n & 1:
+            if result is None:
+                result = base
+            else:
+                result = (result[0] @ base[0], result[1] + _matvec(result[0], base[1]))
+        n >>= 1
+        if n:
+            base = (base[0] @ base[0], base[1] + _matvec(base[0], base[1]))
+    return result
+
+
+def _matvec(M, v):
+    return jnp.einsum("...st,...t->...s", M, v)
 
 
 def dplr_ssm_kernel_naive(Lambda, P, B, C, dt, L: int):
