@@ -13,7 +13,7 @@ from flax import nnx
 from ssmix.kernels import cauchy as Cy
 from ssmix.layers import S4, S4D
 from ssmix.layers.base import SSMParam
-from ssmix.layers.s4 import MODES, auto_mode
+from ssmix.layers.s4 import auto_mode
 from ssmix.layers.s4d import S4D_INITS
 from ssmix.testing import assert_close, check_equivalent
 
@@ -183,7 +183,10 @@ def test_parameter_groups_and_storage():
 
 
 def test_auto_mode_rule():
-    assert auto_mode(1) in MODES and auto_mode(16384) in MODES
+    assert auto_mode(1) == auto_mode(16384) == "fft"
+    assert auto_mode(2048, "s4") == "chunked" and auto_mode(2049, "s4") == "fft"
+    with pytest.raises(ValueError, match="layer"):
+        auto_mode(8, "s5")
     layer = _layer(S4D)
     assert layer.mode == "auto"
     x = _input()

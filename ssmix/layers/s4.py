@@ -66,14 +66,20 @@ _MAX_REAL = -1e-4
 _SCAN_BLOCK = 128
 
 
-def auto_mode(L: int) -> str:
-    """The mode ``mode="auto"`` runs for length ``L`` (measured on CPU, see benchmarks/s4.py).
+def auto_mode(L: int, layer: str = "s4d") -> str:
+    """The mode ``mode="auto"`` runs for length ``L`` and ``layer`` (``"s4d"`` or ``"s4"``).
 
-    ``"chunked"`` for every length: it needs no FFT padding and its matmuls beat the FFT
-    convolution at every length measured (1k–16k).
+    Measured on CPU with ``benchmarks/s4.py`` (forward + backward, B = 16, H = 128, N = 64,
+    L ∈ {1k, 4k, 16k}): for S4D the FFT path is the fastest at every length (1.4–1.7× the
+    chunked one); for S4 the chunked path wins at 1k (its dense ``N × N`` chunk operators cost
+    less than the Cauchy kernel there) and the FFT path from 4k on. So: ``"fft"`` for S4D;
+    for S4 ``"chunked"`` up to ``L = 2048`` and ``"fft"`` beyond.
     """
     check_positive_int("L", L)
-    return "chunked"
+    check_choice("layer", layer, ("s4d", "s4"))
+    if layer == "s4" and L <= 2048:
+        return "chunked"
+    return "fft"
 
 
 def _toeplitz(k, lag_offset: int):
@@ -135,6 +141,8 @@ class LTISSM(nnx.Module):
     feature index ``c·H + h`` (``d_output`` says which). ``C`` has ``channels`` rows, or
     ``2·channels`` when bidirectional (forward rows first, as in the S4 code).
     """
+
+    _AUTO_LAYER = "s4d"  # which rule of auto_mode applies
 
     def __init__(
         self,
@@ -287,7 +295,7 @@ class LTISSM(nnx.Module):
         u = x.astype(dtype)
         if mask is not None:
             u = jnp.where(mask[..., None], u, 0)
-        mode = auto_mode(L) if self.mode == "auto" else self.mode
+        mode = auto_mode(L, self._AUTO_LAYER) if self.mode == "auto" else self.mode
         sys = self._system(dtype)
         C_f, C_b = self._output_rows(dtype)
         cstate = None if state is None else state.astype(C_f.dtype)
@@ -419,6 +427,8 @@ class S4(LTISSM):
       param_dtype: dtype of the real parameter arrays.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
+
+    _AUTO_LAYER = "s4"
 
     def __init__(
         self,
