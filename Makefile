@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) tests
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) tests
 
 demo: $(STAMP)
-	$(BIN)/python benchmarks/kernels.py --small
+	$(BIN)/python -m experiments.lra.demo
 
 bench: $(STAMP)
 	@for script in benchmarks/*.py; do \

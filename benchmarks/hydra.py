@@ -146,6 +146,10 @@ def main() -> None:
     parser.add_argument(
         "--methods", default="chunked,sequential,materialized", help="comma-separated, in order"
     )
+    parser.add_argument(
+        "--lengths", type=int, nargs="*", help="layer lengths (default 1k, 4k, 16k)"
+    )
+    parser.add_argument("--layer-only", action="store_true", help="only part (a)")
     args = parser.parse_args()
     methods = tuple(args.methods.split(","))
     if not methods or methods[0] != "chunked":
@@ -155,7 +159,10 @@ def main() -> None:
         bench_chunk_sizes(1024, 4, 4, 32, 32, [32, 64, 128])
         bench_conv(2, 1024, 192, 7)
     else:
-        bench_layer([1024, 4096, 16384], 8, 256, args.chunk_size, args.max_gib, methods)
+        lengths = args.lengths or [1024, 4096, 16384]
+        bench_layer(lengths, 8, 256, args.chunk_size, args.max_gib, methods)
+        if args.layer_only:
+            return
         bench_chunk_sizes(4096, 16, 8, 64, 64, [32, 64, 128])
         bench_conv(8, 4096, 768, 7)
 

@@ -3,8 +3,9 @@
 ``python benchmarks/train.py [--small] [--length L] [--batch B] [--repeats R]``
 
 Each model is the ``listops`` × model ``demo`` config (the ``make demo`` architecture: 4
-blocks, H = 64, batch 32) trained on synthetic ListOps tokens of one fixed length (no
-padding, every token valid), through the real jitted train step of
+blocks, H = 32, N = 32) trained on synthetic ListOps tokens of one fixed length and batch
+(defaults 1024 and 32; the demo itself trains at batch 16 on lengths 500–2000), no
+padding, every token valid, through the real jitted train step of
 ``experiments.lra.train.Experiment`` (forward, backward, grouped AdamW, BatchNorm updates).
 The table gives the median step time after a compile + warm-up step, tokens per second
 (batch × length / step time) and the ratio to S4D in the same run. A model whose layer is

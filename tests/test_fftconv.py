@@ -42,7 +42,7 @@ def test_bidirectional_matches_direct(float_dtype, L):
     )
 
 
-@settings(max_examples=8)
+@settings(max_examples=4)
 @given(
     B=st.integers(1, 3),
     L=st.integers(1, 70),

@@ -132,7 +132,7 @@ def test_long_sequence(x64, reverse):
     check_equivalent(impls, a, b, x0)
 
 
-@settings(max_examples=10)
+@settings(max_examples=5)
 @given(
     B=st.integers(1, 3),
     L=st.integers(1, 16),
