@@ -819,7 +819,6 @@ from ssmix.kernels.attention import (
     softmax_attention_weights,
     tensor_attention,
     tensor_attention_error_bound,
-    tensor_attention_weights,
 )
 from ssmix.layers import TensorAttention
 

@@ -187,9 +187,7 @@ def _run(a, b, x_init, *, axis, reverse, time_varying, extra=None, write=True, s
 
 
 def _sequential(a, b, x0, reverse, time_varying, extra=None):
-    x, states, _ = _run(
-        a, b, x0, axis=1, reverse=reverse, time_varying=time_varying, extra=extra
-    )
+    x, states, _ = _run(a, b, x0, axis=1, reverse=reverse, time_varying=time_varying, extra=extra)
     return states, x
 
 
