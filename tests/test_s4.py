@@ -184,7 +184,7 @@ def test_parameter_groups_and_storage():
 
 def test_auto_mode_rule():
     assert auto_mode(1) == auto_mode(16384) == "fft"
-    assert auto_mode(2048, "s4") == "chunked" and auto_mode(2049, "s4") == "fft"
+    assert auto_mode(2048, "s4") == auto_mode(16384, "s4") == "fft"
     with pytest.raises(ValueError, match="layer"):
         auto_mode(8, "s5")
     layer = _layer(S4D)

@@ -69,16 +69,14 @@ _SCAN_BLOCK = 128
 def auto_mode(L: int, layer: str = "s4d") -> str:
     """The mode ``mode="auto"`` runs for length ``L`` and ``layer`` (``"s4d"`` or ``"s4"``).
 
-    Measured on CPU with ``benchmarks/s4.py`` (forward + backward, B = 16, H = 128, N = 64,
-    L ∈ {1k, 4k, 16k}): for S4D the FFT path is the fastest at every length (1.4–1.7× the
-    chunked one); for S4 the chunked path wins at 1k (its dense ``N × N`` chunk operators cost
-    less than the Cauchy kernel there) and the FFT path from 4k on. So: ``"fft"`` for S4D;
-    for S4 ``"chunked"`` up to ``L = 2048`` and ``"fft"`` beyond.
+    Measured on CPU with ``benchmarks/s4.py`` (forward + backward, B = 16, H = 128, N = 64):
+    the FFT path is the fastest at every length measured (1k–16k) for both layers — for S4D
+    1.6× the chunked one at 1k and 1.8× at 4k, for S4 1.35× at 1k and 1.5× at 4k — so the
+    rule is ``"fft"`` everywhere. ``layer`` is kept so that a backend with a different
+    balance (an accelerator, where the chunked matmuls may win) can get its own rule.
     """
     check_positive_int("L", L)
     check_choice("layer", layer, ("s4d", "s4"))
-    if layer == "s4" and L <= 2048:
-        return "chunked"
     return "fft"
 
 
