@@ -176,7 +176,11 @@ def ssd(
     elif method == "sequential":
         y, final = _ssd_sequential(x, dt, A, B, C, initial_state, reverse)
     else:
-        (y,), (final,) = _ssd_chunked(x, [dt], A, [B], [C], [initial_state], chunk_size, (reverse,))
+        if reverse:
+            x, dt, B, C = (jnp.flip(v, axis=1) for v in (x, dt, B, C))
+        y, final = _ssd_chunked(x, dt, A, B, C, initial_state, chunk_size)
+        if reverse:
+            y = jnp.flip(y, axis=1)
     return y.astype(out_dtype), final
 
 
@@ -218,12 +222,12 @@ def quasiseparable(
     """Hydra's quasiseparable mixer: ``shift(SS_fw(x)) + flip(shift(SS_bw(flip x))) + diag·x``.
 
     Both directions share ``A``. The chunked method runs them in one batched call of the
-    chunked SSD: the backward direction's inputs are flipped in time and stacked behind the
-    forward ones along the batch axis, so one loop over the chunks serves both. (Running the
-    two directions as two lanes of one loop that walk the chunks in opposite orders, without
-    the flipped copy, measured 1.5× slower at L = 4k and 2.4× at 16k on CPU, and scaled
-    super-linearly; see ``benchmarks/hydra.py``.) The sequential method runs a forward and a
-    reverse scan; the materialized method applies :func:`quasiseparable_matrix`.
+    chunked SSD (the backward inputs flipped and stacked behind the forward ones along the
+    batch axis). Running the two directions instead as two lanes of one loop walking the
+    chunks in opposite orders, without the flipped copy, measured 1.5× slower at L = 4k and
+    2.4× at 16k on CPU and scaled super-linearly (``benchmarks/hydra.py``). The sequential
+    method runs a forward and a reverse scan; the materialized method applies
+    :func:`quasiseparable_matrix`.
 
     Args:
       x: inputs ``(B, L, Hh, P)``.
@@ -269,19 +273,13 @@ def quasiseparable(
     flip = functools.partial(jnp.flip, axis=1)
     stack = lambda fw, bw: jnp.concatenate([fw, flip(bw)], axis=0)  # noqa: E731
     h0 = None if h_fw is None else jnp.concatenate([h_fw, h_bw], axis=0)
-    (y2,), _ = _ssd_chunked(
-        stack(x, x),
-        [stack(dt_fw, dt_bw)],
-        A,
-        [stack(B_fw, B_bw)],
-        [stack(C_fw, C_bw)],
-        [h0],
-        chunk_size,
-        (False,),
+    y2, _ = _ssd_chunked(
+        stack(x, x), stack(dt_fw, dt_bw), A, stack(B_fw, B_bw), stack(C_fw, C_bw), h0, chunk_size
     )
-    y_fw, y_bw = y2[:b], flip(y2[b:])
-    # Row t takes the forward output of t − 1 and the backward (reverse) output of t + 1.
-    y_fw, y_bw = _shift_later(y_fw), _shift_earlier(y_bw)
+    # Row t takes the forward output of t−1 and the backward output of t+1, which sits at
+    # flipped index L−2−t: both are the first L−1 rows of their halves, one of them flipped.
+    y_fw = _shift_later(y2[:b])
+    y_bw = jnp.pad(flip(y2[b:, :-1]), ((0, 0), (0, 1), (0, 0), (0, 0)))
     return (y_fw + y_bw + skip).astype(out_dtype)
 
 
@@ -485,88 +483,51 @@ def _ssd_sequential(x, dt, A, B, C, h0, reverse):
 # --------------------------------------------------------------------------------------
 # Chunked form: a loop over chunks in the caller's layout, with a hand-written gradient.
 #
-# The loop runs one or more *lanes* over the same ``x``: a lane is a direction with its own
-# ``dt, B, C`` and state; a reverse lane walks the chunks from the end and flips each chunk
-# slab (in cache) so that the same forward chunk computation applies (``ssd(reverse=True)``
-# is one reverse lane). The quasiseparable mixer does not use two lanes: it stacks the
-# time-flipped backward inputs behind the forward ones along the batch axis and runs one
-# forward lane, which measured faster and scales linearly (see :func:`quasiseparable`).
-#
-# Inside the loop, chunk arrays are ``xk (n, Q, G, R, P)``, ``dtk (n, Q, G, R)``,
-# ``Bk, Ck (n, Q, G, N)`` with ``n = lanes·batch``; the state is kept as ``(n, G, N, R, P)`` so
-# that both the output contraction ``C_i · state`` and the state update ``Bᵀ · (decay·dt·x)``
-# are plain matmuls over the native ``(Q, Hh·P)`` slab of the chunk.
+# Inside the loop, chunk arrays are ``xk (b, Q, G, R, P)``, ``dtk (b, Q, G, R)``,
+# ``Bk, Ck (b, Q, G, N)``; the state is kept as ``(b, G, N, R, P)`` so that both the output
+# contraction ``C_i · state`` and the state update ``Bᵀ · (decay·dt·x)`` are plain matmuls
+# over the native ``(Q, Hh·P)`` slab of the chunk.
 
 
-def _ssd_chunked(x, dts, A, Bs, Cs, h0s, chunk_size, reverse):
-    """Chunked SSD of one or more lanes over the same ``x``; promoted inputs.
-
-    ``x (B, L, Hh, P)``; per lane ``dts[d] (B, L, Hh)``, ``Bs[d], Cs[d] (B, L, G, N)``,
-    ``h0s[d] (B, Hh, P, N)`` or None; ``reverse`` a tuple of booleans, one per lane. Returns
-    the outputs ``(B, L, Hh, P)`` and final states ``(B, Hh, P, N)`` of every lane.
-    """
+def _ssd_chunked(x, dt, A, B, C, h0, chunk_size):
+    """Chunked SSD forward direction; promoted inputs as in :func:`ssd`."""
     b, L, H, P = x.shape
-    G, N = Bs[0].shape[2], Bs[0].shape[3]
+    G, N = B.shape[2], B.shape[3]
     R = H // G
-    D = len(reverse)
     Q = min(chunk_size, L)
     nc = -(-L // Q)
     pad = nc * Q - L
-    # Zero steps at the end are identity steps (no decay, no input): a forward lane's final
-    # state passes through them, a reverse lane starts with them and keeps its initial state.
-    padded = lambda v: jnp.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2)) if pad else v  # noqa: E731
-    # The loop sees (…, chunks, Q, features) views of the caller's arrays. Heads are split into
+    if pad:
+        # Zero steps at the end are identity steps: the final state passes through them.
+        x, dt, B, C = (
+            jnp.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2)) for v in (x, dt, B, C)
+        )
+    # The loop sees (b, chunks, Q, features) views of the caller's arrays. Heads are split into
     # groups only per chunk: XLA:CPU copies whole arrays whose layouts differ only in where a
     # size-1 axis (such as G = 1) sits, which the loop's operands would otherwise trigger.
-    xc = padded(x).reshape(b, nc, Q, H * P)
-    dtc = jnp.stack([padded(v) for v in dts]).reshape(D, b, nc, Q, H)
-    Bc = jnp.stack([padded(v) for v in Bs]).reshape(D, b, nc, Q, G * N)
-    Cc = jnp.stack([padded(v) for v in Cs]).reshape(D, b, nc, Q, G * N)
-    h0 = jnp.stack([jnp.zeros((b, H, P, N), x.dtype) if h is None else h for h in h0s])
-    s0 = jnp.moveaxis(h0.reshape(D * b, G, R, P, N), 4, 2)
-    y, s_final = _chunked_core(xc, dtc, _group_heads(A, G), Bc, Cc, s0, tuple(reverse))
-    y = y.reshape(D, b, nc * Q, H, P)[:, :, :L]
-    s_final = jnp.moveaxis(s_final, 2, 4).reshape(D, b, H, P, N)
-    return list(y), list(s_final)
+    xc = x.reshape(b, nc, Q, H * P)
+    dtc = dt.reshape(b, nc, Q, H)
+    Bc = B.reshape(b, nc, Q, G * N)
+    Cc = C.reshape(b, nc, Q, G * N)
+    if h0 is None:
+        h0 = jnp.zeros((b, H, P, N), x.dtype)
+    s0 = jnp.moveaxis(h0.reshape(b, G, R, P, N), 4, 2)
+    y, s_final = _chunked_core(xc, dtc, _group_heads(A, G), Bc, Cc, s0)
+    y = y.reshape(b, nc * Q, H, P)[:, :L]
+    return y, jnp.moveaxis(s_final, 2, 4).reshape(b, H, P, N)
 
 
-def _chunk(v, k, axis=1):
-    return lax.dynamic_index_in_dim(v, k, axis=axis, keepdims=False)
+def _chunk(v, k):
+    return lax.dynamic_index_in_dim(v, k, axis=1, keepdims=False)
 
 
-def _put(buf, v, k, axis=1):
-    shape = buf.shape[:axis] + buf.shape[axis + 1 :]
-    return lax.dynamic_update_index_in_dim(buf, v.reshape(shape), k, axis=axis)
-
-
-def _put_lane(buf, v, d, k):
-    """Write the chunk slab ``v (b, Q, …)`` of lane ``d`` at chunk ``k`` of ``buf (D, b, nc, Q,
-    F)`` in place."""
-    v = v.reshape(1, buf.shape[1], 1, *buf.shape[3:])
-    index = [jnp.asarray(i, jnp.int32) for i in (d, 0, k) + (0,) * (buf.ndim - 3)]
-    return lax.dynamic_update_slice(buf, v.astype(buf.dtype), index)
+def _put(buf, v, k):
+    return lax.dynamic_update_index_in_dim(buf, v.reshape(buf.shape[:1] + buf.shape[2:]), k, axis=1)
 
 
 def _split(v, *shape):
-    """A chunk ``(n, Q, features)`` viewed as ``(n, Q, *shape)``."""
+    """A chunk ``(b, Q, features)`` viewed as ``(b, Q, *shape)``."""
     return v.reshape(*v.shape[:2], *shape)
-
-
-def _lane_chunks(i, nc, reverse):
-    """Chunk index of every lane at loop step ``i`` (reverse lanes walk from the end)."""
-    return [nc - 1 - i if r else i for r in reverse]
-
-
-def _gather(per_lane, reverse):
-    """Stack per-lane chunk slabs ``(b, Q, …)`` along the batch axis, flipping reverse lanes."""
-    slabs = [jnp.flip(v, axis=1) if r else v for v, r in zip(per_lane, reverse, strict=True)]
-    return slabs[0] if len(slabs) == 1 else jnp.concatenate(slabs, axis=0)
-
-
-def _scatter(stacked, reverse):
-    """Inverse of :func:`_gather`: per-lane slabs in sequence order."""
-    parts = jnp.split(stacked, len(reverse), axis=0)
-    return [jnp.flip(v, axis=1) if r else v for v, r in zip(parts, reverse, strict=True)]
 
 
 def _chunk_terms(xk, dtk, A, Bk, Ck):
@@ -598,38 +559,37 @@ def _chunk_forward(xk, dtk, A, Bk, Ck, s):
     return y, s_next
 
 
-def _chunked_loop(xc, dtc, A, Bc, Cc, s0, reverse, save_states):
-    D, nc = len(reverse), xc.shape[1]
+def _chunked_loop(xc, dtc, A, Bc, Cc, s0, save_states):
+    nc = xc.shape[1]
     G, N, R, P = s0.shape[1:]
 
-    def body(i, carry):
+    def body(k, carry):
         s, y, states = carry
         if save_states:
-            states = _put(states, s, i)
-        ks = _lane_chunks(i, nc, reverse)
-        take = lambda v, *shape: _gather(  # noqa: E731
-            [_split(_chunk(v[d], k), *shape) for d, k in enumerate(ks)], reverse
+            states = _put(states, s, k)
+        yk, s = _chunk_forward(
+            _split(_chunk(xc, k), G, R, P),
+            _split(_chunk(dtc, k), G, R),
+            A,
+            _split(_chunk(Bc, k), G, N),
+            _split(_chunk(Cc, k), G, N),
+            s,
         )
-        x_lanes = _gather([_split(_chunk(xc, k), G, R, P) for k in ks], reverse)
-        yk, s = _chunk_forward(x_lanes, take(dtc, G, R), A, take(Bc, G, N), take(Cc, G, N), s)
-        for d, (k, v) in enumerate(zip(ks, _scatter(yk, reverse), strict=True)):
-            y = _put_lane(y, v, d, k)
-        return s, y, states
+        return s, _put(y, yk, k), states
 
-    y0 = jnp.zeros((D, *xc.shape), xc.dtype)
     states = jnp.zeros((s0.shape[0], nc, s0[0].size), s0.dtype) if save_states else None
-    s, y, states = lax.fori_loop(0, nc, body, (s0, y0, states))
+    s, y, states = lax.fori_loop(0, nc, body, (s0, jnp.zeros_like(xc), states))
     return y, s, states
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _chunked_core(xc, dtc, A, Bc, Cc, s0, reverse):
-    y, s, _ = _chunked_loop(xc, dtc, A, Bc, Cc, s0, reverse, save_states=False)
+@jax.custom_vjp
+def _chunked_core(xc, dtc, A, Bc, Cc, s0):
+    y, s, _ = _chunked_loop(xc, dtc, A, Bc, Cc, s0, save_states=False)
     return y, s
 
 
-def _chunked_core_fwd(xc, dtc, A, Bc, Cc, s0, reverse):
-    y, s, states = _chunked_loop(xc, dtc, A, Bc, Cc, s0, reverse, save_states=True)
+def _chunked_core_fwd(xc, dtc, A, Bc, Cc, s0):
+    y, s, states = _chunked_loop(xc, dtc, A, Bc, Cc, s0, save_states=True)
     return (y, s), (xc, dtc, A, Bc, Cc, states)
 
 
@@ -670,7 +630,7 @@ def _chunk_backward(xk, dtk, A, Bk, Ck, s, gy, gs):
     return gx, gdt, gA, gB, gC, gs_prev
 
 
-def _chunked_core_bwd(reverse, residuals, cotangents):
+def _chunked_core_bwd(residuals, cotangents):
     xc, dtc, A, Bc, Cc, states = residuals
     gy, gs = cotangents
     nc = xc.shape[1]
@@ -678,33 +638,28 @@ def _chunked_core_bwd(reverse, residuals, cotangents):
     N = Bc.shape[-1] // G
     P = xc.shape[-1] // (G * R)
 
-    def body(j, carry):
+    def body(i, carry):
         gs, gA, gx, gdt, gB, gC = carry
-        # Undo the forward loop: its step i = nc − 1 − j processed these chunks and saved
-        # their entry states.
-        i = nc - 1 - j
-        ks = _lane_chunks(i, nc, reverse)
-        take = lambda v, *shape: _gather(  # noqa: E731
-            [_split(_chunk(v[d], k), *shape) for d, k in enumerate(ks)], reverse
-        )
+        k = nc - 1 - i
         grads = _chunk_backward(
-            _gather([_split(_chunk(xc, k), G, R, P) for k in ks], reverse),
-            take(dtc, G, R),
+            _split(_chunk(xc, k), G, R, P),
+            _split(_chunk(dtc, k), G, R),
             A,
-            take(Bc, G, N),
-            take(Cc, G, N),
-            _chunk(states, i).reshape(-1, G, N, R, P),
-            take(gy, G, R, P),
+            _split(_chunk(Bc, k), G, N),
+            _split(_chunk(Cc, k), G, N),
+            _chunk(states, k).reshape(-1, G, N, R, P),
+            _split(_chunk(gy, k), G, R, P),
             gs,
         )
         gx_k, gdt_k, gA_k, gB_k, gC_k, gs = grads
-        # Lanes share x, so their input gradients add up (possibly in the same chunk).
-        for k, v in zip(ks, _scatter(gx_k, reverse), strict=True):
-            gx = _put(gx, _chunk(gx, k) + v.reshape(*v.shape[:2], -1), k)
-        lanes = zip(ks, *(_scatter(g, reverse) for g in (gdt_k, gB_k, gC_k)), strict=True)
-        for d, (k, gdt_d, gB_d, gC_d) in enumerate(lanes):
-            gdt, gB, gC = (_put_lane(*a, d, k) for a in ((gdt, gdt_d), (gB, gB_d), (gC, gC_d)))
-        return gs, gA + gA_k, gx, gdt, gB, gC
+        return (
+            gs,
+            gA + gA_k,
+            _put(gx, gx_k, k),
+            _put(gdt, gdt_k, k),
+            _put(gB, gB_k, k),
+            _put(gC, gC_k, k),
+        )
 
     zeros = jnp.zeros_like
     init = (gs, zeros(A), zeros(xc), zeros(dtc), zeros(Bc), zeros(Cc))
