@@ -10,7 +10,9 @@ figure is per computation, not the process RSS).
 The baseline is the textbook S4D: the Vandermonde kernel built as an ``(H, N/2, L)`` tensor of
 powers, then an FFT convolution along the length axis of ``(B, L, H)`` padded to ``2L``.
 Modes whose compiled peak memory exceeds ``--max-gib`` are skipped (``materialized`` builds
-``H·L²`` matrices, so it only runs at the shortest length).
+``H·L²`` matrices, so it only runs at the shortest length). For S4, ``fft`` forms the kernel by
+blocked powers (the default, ``kernel="auto"``) and ``fft:cauchy`` by Cauchy sums; S4D has one
+kernel, so its ``fft:cauchy`` row is not run.
 
 Usage: ``python -m benchmarks.s4 [--small] [--reps 5] [--lengths 1024 4096] [--max-gib 3]``.
 """
@@ -28,7 +30,7 @@ from flax import nnx
 from ssmix.layers.s4 import S4
 from ssmix.layers.s4d import S4D
 
-MODES = ("fft", "chunked", "scan", "materialized")
+MODES = ("fft", "fft:cauchy", "chunked", "scan", "materialized")
 
 
 def naive_s4d(layer: S4D):
@@ -120,7 +122,11 @@ def main() -> None:
         for name in args.layers:
             cls = {"S4D": S4D, "S4": S4}[name]
             for mode in args.modes:
-                layer = cls(H, N, mode=mode, rngs=nnx.Rngs(0))
+                base, _, kernel = mode.partition(":")
+                if kernel and name != "S4":
+                    continue
+                extra = {"kernel": kernel} if kernel else {}
+                layer = cls(H, N, mode=base, rngs=nnx.Rngs(0), **extra)
                 t, peak = measure(
                     layer_forward(layer), nnx.state(layer), x, ct, args.reps, max_bytes
                 )

@@ -23,6 +23,7 @@ those masked statistics.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -131,6 +132,8 @@ class ResidualBlock(nnx.Module):
             raise ValueError(f"mlp_ratio must be >= 0; got {mlp_ratio!r}")
         self.d_model = d_model
         self.mixer = mixer
+        # Mixers with dropout inside (S4 / S4D drop_kernel) take the call's rngs too.
+        self.mixer_takes_rngs = "rngs" in inspect.signature(mixer.__call__).parameters
         self.prenorm = prenorm
         self.activation = activation
         self.glu = glu
@@ -151,7 +154,7 @@ class ResidualBlock(nnx.Module):
 
     def _mix(self, x, mask, rngs):
         act = _ACTIVATION_FNS[self.activation]
-        z = self.mixer(x, mask=mask)
+        z = self.mixer(x, mask=mask, **({"rngs": rngs} if self.mixer_takes_rngs else {}))
         a = self.dropout(act(z), rngs=rngs)
         if self.glu == "none":
             y = dense(self.out, a)

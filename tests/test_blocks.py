@@ -214,3 +214,18 @@ def test_retrieval_model_features():
         model(x1, x2[:, :5])
     with pytest.raises(ValueError, match="both mask1 and mask2"):
         model(x1, x2, m1)
+
+
+def test_block_passes_rngs_to_a_mixer_with_kernel_dropout():
+    from ssmix.layers import S4D
+
+    block = ResidualBlock(S4D(8, 4, drop_kernel=0.5, rngs=nnx.Rngs(0)), 8, rngs=nnx.Rngs(1))
+    assert block.mixer_takes_rngs
+    x = jax.random.normal(jax.random.key(0), (2, 11, 8))
+    y1, y2 = block(x, rngs=nnx.Rngs(dropout=0)), block(x, rngs=nnx.Rngs(dropout=1))
+    assert not np.allclose(np.asarray(y1), np.asarray(y2))
+    block.eval()
+    assert_close(block(x), block(x), atol=0)
+    assert not ResidualBlock(
+        CausalMeanMixer(8, rngs=nnx.Rngs(1)), 8, rngs=nnx.Rngs(2)
+    ).mixer_takes_rngs

@@ -38,10 +38,16 @@ def _pure(layer, mode):
 
 
 def _modes(layer, jit=False):
+    """Every mode; for S4 also the ``"fft"`` mode with the Cauchy kernel (default: powers)."""
     impls = {}
     for mode in RUN_MODES:
         fn, params = _pure(layer, mode)
         impls[mode] = jax.jit(fn) if jit else fn
+    if isinstance(layer, S4):
+        layer.kernel = "cauchy"
+        fn, params = _pure(layer, "fft")
+        impls["fft-cauchy"] = jax.jit(fn) if jit else fn
+        layer.kernel = "auto"
     return impls, params
 
 
@@ -150,9 +156,10 @@ def test_length_one(cls):
     check_equivalent(impls, params, _input(length=1), grads=False)
 
 
-def test_s4_any_length_matches_dense_reference(x64):
+@pytest.mark.parametrize("kernel", ["powers", "cauchy"])
+def test_s4_any_length_matches_dense_reference(x64, kernel):
     """One S4 layer at lengths 5, 16 and 40 equals the dense bilinear system at each."""
-    layer = _layer(S4, "float64", mode="fft")
+    layer = _layer(S4, "float64", mode="fft", kernel=kernel)
     lam, P, B, dt = layer._system(jnp.float64)
     C = layer._output_rows(jnp.float64)[0]
     for length in (5, 16, 40):
@@ -231,3 +238,32 @@ def test_option_errors():
         S4(H, N, disc="zoh", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="rank is too small|rank"):
         S4(H, N, init="legt", rank=1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="kernel must be one of 'auto', 'powers', 'cauchy'"):
+        S4(H, N, kernel="vandermonde", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("cls", [S4D, S4])
+def test_kernel_dropout(x64, cls):
+    """drop_kernel zeroes taps of the fft kernel (the rest scaled by 1/(1 − p)) in training,
+    is off in eval, needs rngs, and is refused by modes that never form the kernel."""
+    layer = _layer(cls, "float64", drop_kernel=0.5, mode="fft")
+    plain = _layer(cls, "float64", mode="fft")  # same seed: same parameters
+    x = jnp.zeros((1, L, H), jnp.float64).at[0, 0].set(1.0)  # impulse: y − D·x is the kernel
+    K = plain(x) - plain.D[0] * x
+    layer.eval()
+    assert_close(plain(x), layer(x))
+    layer.train()
+    with pytest.raises(ValueError, match="rngs"):
+        layer(x)
+    Kd = layer(x, rngs=nnx.Rngs(dropout=1)) - layer.D[0] * x
+    dropped = np.isclose(np.asarray(Kd), 0.0, atol=1e-12)
+    kept = np.isclose(np.asarray(Kd), 2 * np.asarray(K), rtol=1e-9, atol=1e-12)
+    assert np.all(dropped | kept)
+    assert 0.3 < dropped.mean() < 0.7
+    Kd2 = layer(x, rngs=nnx.Rngs(dropout=2)) - layer.D[0] * x
+    assert not np.allclose(np.asarray(Kd), np.asarray(Kd2))
+    layer.mode = "chunked"
+    with pytest.raises(ValueError, match="drop_kernel drops taps of the kernel"):
+        layer(x, rngs=nnx.Rngs(dropout=1))
+    with pytest.raises(ValueError, match=r"drop_kernel must be in \[0, 1\)"):
+        cls(H, N, drop_kernel=1.0, rngs=nnx.Rngs(0))

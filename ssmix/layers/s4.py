@@ -1,11 +1,12 @@
-"""The S4 layer (DPLR state matrix, Cauchy kernel) and the module code it shares with S4D.
+"""The S4 layer (DPLR state matrix) and the module code it shares with S4D.
 
 Both layers are linear time-invariant SSMs per feature, ``y = K * u + D·u`` with a kernel
 ``K_ℓ = C Ā^ℓ B̄``, and share everything except how ``Ā``, ``B̄`` and the kernel are formed
 (:class:`LTISSM`). Each runs in one of four modes that compute the same function (the tests
 check outputs, states and gradients of every pair):
 
-- ``"fft"``: the full kernel (Cauchy for S4, Vandermonde for S4D), then an FFT convolution.
+- ``"fft"``: the full kernel (S4: blocked powers of ``Ā`` or Cauchy sums, see :class:`S4`;
+  S4D: Vandermonde), then an FFT convolution.
 - ``"chunked"``: chunks of ``chunk_size`` steps; inside a chunk a Toeplitz matmul with the
   kernel's first taps, across chunks the state
   (:func:`~ssmix.kernels.vandermonde.chunked_ssm_conv`).
@@ -36,6 +37,7 @@ from ssmix._checks import check_choice, check_even, check_ndim, check_positive_i
 from ssmix.kernels.cauchy import (
     dplr_chunk_operators,
     dplr_dense,
+    dplr_power_kernel,
     dplr_ssm_kernel,
     dplr_step,
     dplr_step_setup,
@@ -50,10 +52,13 @@ from ssmix.kernels.vandermonde import (
 )
 from ssmix.layers.base import SSMParam, as_complex, complex_param
 
-__all__ = ["MODES", "LTISSM", "S4", "S4_INITS", "auto_mode"]
+__all__ = ["MODES", "LTISSM", "S4", "S4_INITS", "S4_KERNELS", "auto_mode"]
 
 #: Execution modes of the S4 / S4D layers.
 MODES = ("auto", "fft", "chunked", "scan", "materialized")
+
+#: How an S4 layer forms its convolution kernel (``kernel=``): ``"auto"`` picks ``"powers"``.
+S4_KERNELS = ("auto", "powers", "cauchy")
 
 #: HiPPO measures an S4 layer can start from (``init=``).
 S4_INITS = ("legs", "legt", "lagt", "fout")
@@ -153,8 +158,11 @@ class LTISSM(nnx.Module):
         chunk_size: int,
         param_dtype: Any,
         rngs: nnx.Rngs,
+        drop_kernel: float = 0.0,
     ):
         check_positive_int("d_model", d_model)
+        if not 0.0 <= drop_kernel < 1.0:
+            raise ValueError(f"drop_kernel must be in [0, 1); got {drop_kernel!r}")
         check_even("d_state", d_state)
         check_positive_int("channels", channels)
         check_positive_int("chunk_size", chunk_size)
@@ -169,6 +177,9 @@ class LTISSM(nnx.Module):
         self.chunk_size = chunk_size
         self.d_output = channels * d_model
         self.param_dtype = jnp.dtype(param_dtype)
+        self.drop_kernel = float(drop_kernel)
+        # Dropout on the kernel's taps (the S4 code's drop_kernel); active after .train().
+        self.kernel_dropout = nnx.Dropout(self.drop_kernel)
         n_out = channels * (2 if bidirectional else 1)
         shape = (n_out, d_model, d_state // 2)
         kr, ki = jax.random.split(rngs.params())
@@ -254,13 +265,20 @@ class LTISSM(nnx.Module):
         return M[0] if self.channels == 1 else M
 
     def _matrices(self, sys, L: int, dtype):
-        C_f, C_b = self._output_rows(dtype)
-        M = _toeplitz(self._kernel(sys, C_f, L), 0)
-        if C_b is not None:
-            M = M + jnp.swapaxes(_toeplitz(self._kernel(sys, C_b, L), 1), -1, -2)
+        k_f, k_b = self._kernels(sys, *self._output_rows(dtype), L)
+        M = _toeplitz(k_f, 0)
+        if k_b is not None:
+            M = M + jnp.swapaxes(_toeplitz(k_b, 1), -1, -2)
         return M
 
-    def __call__(self, x, mask=None, state=None, return_state: bool = False):
+    def _kernels(self, sys, C_f, C_b, L: int):
+        """Forward and (if bidirectional) backward kernels from one call on stacked rows."""
+        if C_b is None:
+            return self._kernel(sys, C_f, L), None
+        k = self._kernel(sys, jnp.concatenate([C_f, C_b], axis=0), L)
+        return k[: C_f.shape[0]], k[C_f.shape[0] :]
+
+    def __call__(self, x, mask=None, state=None, return_state: bool = False, *, rngs=None):
         """Apply the layer.
 
         Args:
@@ -270,6 +288,9 @@ class LTISSM(nnx.Module):
             sequence's state after its last valid position.
           state: optional complex ``(B, H, N/2)`` state before the sequence (causal only).
           return_state: also return the state after the sequence (causal only).
+          rngs: ``nnx.Rngs`` with a ``dropout`` stream, needed only when ``drop_kernel > 0``
+            and the layer is in training mode (``.train()``); kernel dropout zeroes taps of
+            the ``"fft"`` mode's kernel (the other modes never form it and refuse it).
 
         Returns:
           ``y (B, L, d_output)``, or ``(y, state)`` with ``return_state``.
@@ -294,6 +315,12 @@ class LTISSM(nnx.Module):
         if mask is not None:
             u = jnp.where(mask[..., None], u, 0)
         mode = auto_mode(L, self._AUTO_LAYER) if self.mode == "auto" else self.mode
+        drop = self.drop_kernel > 0 and not self.kernel_dropout.deterministic
+        if drop and mode != "fft":
+            raise ValueError(
+                f"drop_kernel drops taps of the kernel that mode='fft' forms; mode={mode!r} "
+                "never forms it (use mode='fft' for training, or .eval())"
+            )
         sys = self._system(dtype)
         C_f, C_b = self._output_rows(dtype)
         cstate = None if state is None else state.astype(C_f.dtype)
@@ -329,11 +356,14 @@ class LTISSM(nnx.Module):
                 y = chunked_ssm_conv(u, ops, None if cstate is None else _to_real(cstate))
         else:
             if mode == "fft":
-                k_f = self._kernel(sys, C_f, L)
-                if C_b is None:
+                k_f, k_b = self._kernels(sys, C_f, C_b, L)
+                if drop:
+                    k_f = self.kernel_dropout(k_f, rngs=rngs)
+                    k_b = None if k_b is None else self.kernel_dropout(k_b, rngs=rngs)
+                if k_b is None:
                     y = fft_conv(u, k_f)
                 else:
-                    y = fft_conv_bidirectional(u, k_f, self._kernel(sys, C_b, L))
+                    y = fft_conv_bidirectional(u, k_f, k_b)
             else:  # materialized
                 y = jnp.einsum("chts,bsh->btch", self._matrices(sys, L, dtype), u)
             if cstate is not None:
@@ -407,9 +437,17 @@ class S4(LTISSM):
     are plain ``nnx.Param``. Bilinear discretisation (the only one with a DPLR closed form).
 
     ``C`` is stored as the true output matrix, not the S4 code's ``C̃ = C(I − Ā^L)``: the
-    kernel of any length ``L`` is exact (``C̃`` is formed per call from ``Ā^L`` by repeated
-    squaring, ``log₂ L`` small matmuls), stepping and the chunked / scan modes need ``C``
+    kernel of any length ``L`` is exact, stepping and the chunked / scan modes need ``C``
     itself (no linear solve), and no ``l_max`` ties the parameters to one length.
+
+    The kernel (``"fft"`` and ``"materialized"`` modes) is formed one of two ways, the same
+    function to rounding (tests/test_s4.py): ``kernel="cauchy"``, S4's generating function at
+    the roots of unity by Cauchy sums with the Woodbury correction
+    (:func:`~ssmix.kernels.cauchy.dplr_ssm_kernel`, ``C̃`` formed per call from ``Ā^L`` by
+    repeated squaring), or ``kernel="powers"``, the time-domain blocked powers of ``Ā`` kept
+    in diagonal-plus-low-rank form (:func:`~ssmix.kernels.cauchy.dplr_power_kernel`).
+    ``"auto"`` (default) is ``"powers"``: on CPU it is 3–7× faster than the Cauchy sums at
+    L = 1k–16k (forward + backward, ``benchmarks/s4.py``) and as accurate in float32.
 
     Args:
       d_model: H, features.
@@ -421,7 +459,11 @@ class S4(LTISSM):
       dt_min, dt_max: range of the log-uniform Δ initialisation.
       bidirectional: add a strictly anti-causal kernel with its own ``C`` rows.
       mode: one of :data:`MODES`.
+      kernel: one of :data:`S4_KERNELS`, how the ``"fft"`` / ``"materialized"`` modes form
+        the kernel.
       chunk_size: chunk length of the ``"chunked"`` mode (also used for state maps).
+      drop_kernel: dropout rate on the kernel's taps in training (``"fft"`` mode; pass
+        ``rngs`` to the call), 0 = off.
       param_dtype: dtype of the real parameter arrays.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
@@ -441,11 +483,14 @@ class S4(LTISSM):
         dt_max: float = 1e-1,
         bidirectional: bool = False,
         mode: str = "auto",
+        kernel: str = "auto",
         chunk_size: int = 64,
+        drop_kernel: float = 0.0,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         check_choice("init", init, S4_INITS)
+        check_choice("kernel", kernel, S4_KERNELS)
         check_choice("disc", disc, ("bilinear",))
         super().__init__(
             d_model,
@@ -456,11 +501,13 @@ class S4(LTISSM):
             chunk_size=chunk_size,
             param_dtype=param_dtype,
             rngs=rngs,
+            drop_kernel=drop_kernel,
         )
         if rank is None:
             rank = 2 if init == "legt" else 1
         check_positive_int("rank", rank)
         self.init = init
+        self.kernel = kernel
         self.rank = rank
         self.disc = disc
         form = hippo.nplr(init, d_state, rank, b_clip=hippo.S4_B_CLIP)
@@ -485,7 +532,8 @@ class S4(LTISSM):
         return lam, P, B, dt
 
     def _kernel(self, sys, C, L):
-        return dplr_ssm_kernel(*sys[:3], C, sys[3], L)
+        fn = dplr_ssm_kernel if self.kernel == "cauchy" else dplr_power_kernel
+        return fn(*sys[:3], C, sys[3], L)
 
     def _chunk_ops(self, sys, C, T, strict):
         lam, P, B, dt = sys

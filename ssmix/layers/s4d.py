@@ -86,6 +86,8 @@ class S4D(LTISSM):
       bidirectional: add a strictly anti-causal kernel with its own ``C`` rows.
       mode: ``"auto"``, ``"fft"``, ``"chunked"``, ``"scan"`` or ``"materialized"``.
       chunk_size: chunk length of the ``"chunked"`` mode.
+      drop_kernel: dropout rate on the kernel's taps in training (``"fft"`` mode; pass
+        ``rngs`` to the call), 0 = off.
       param_dtype: dtype of the real parameter arrays.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
@@ -104,6 +106,7 @@ class S4D(LTISSM):
         bidirectional: bool = False,
         mode: str = "auto",
         chunk_size: int = 64,
+        drop_kernel: float = 0.0,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -122,6 +125,7 @@ class S4D(LTISSM):
             chunk_size=chunk_size,
             param_dtype=param_dtype,
             rngs=rngs,
+            drop_kernel=drop_kernel,
         )
         self.init = init
         self.disc = disc
