@@ -254,7 +254,9 @@ NB02_SSM_KERNELS = r"""
 # how $A$ is parametrised and how $K$ is computed:
 #
 # * **S4**: $A = \Lambda - PP^*$ (diagonal plus low rank, the NPLR form of a HiPPO matrix);
-#   kernel by Cauchy sums with a Woodbury correction, `ssmix.kernels.cauchy.dplr_ssm_kernel`.
+#   kernel by Cauchy sums with a Woodbury correction, `ssmix.kernels.cauchy.dplr_ssm_kernel`
+#   (the layer's default computes the same kernel in the time domain by blocked powers of
+#   $\bar A$, `dplr_power_kernel`, which is faster on CPU; `S4(kernel="cauchy")` uses the sums).
 # * **S4D**: $A$ diagonal (several initialisations); kernel by a Vandermonde product,
 #   `ssmix.kernels.vandermonde.diag_ssm_kernel`.
 # * **S4-PTD**: $A$ diagonal, taken from a *perturbed* HiPPO-LegS that has a well-conditioned
