@@ -65,32 +65,40 @@ def test_kernel_gradients_match_dense_bilinear(x64):
     )
 
 
-@pytest.mark.parametrize("block", [None, 1, 64])
-def test_power_kernel_matches_dense_bilinear(x64, block):
-    """Blocked powers (low-rank doubling, dense squarings past rank S/4, the row scan) equal
-    C Ā^ℓ B̄ for every measure and length, including lengths that are not a multiple of T."""
+def test_power_kernel_matches_dense_bilinear(x64):
+    """Blocked powers equal C Ā^ℓ B̄ for every measure and length (default block), and with
+    block 1 (one row per tap) and 64 (dense squarings past rank S/4, one row block) for LegT,
+    including lengths that are not a multiple of the block."""
     systems = [_system(*m, jnp.float64) for m in MEASURES]
+    lengths = LENGTHS + (64, 97)
 
     def kernels(kernel_fn):
-        return lambda systems: [[kernel_fn(*s, L) for L in LENGTHS + (64, 97)] for s in systems]
+        def run(systems):
+            out = [[kernel_fn(*s, L) for L in lengths] for s in systems]
+            legt = systems[1]
+            for block in (1, 64):
+                out.append([kernel_fn(*legt, L, block=block) for L in (1, 33, 97)])
+            return out
+
+        return run
+
+    def naive(*args, block=None):
+        return Cy.dplr_ssm_kernel_naive(*args)
 
     check_equivalent(
-        {
-            "dense": kernels(Cy.dplr_ssm_kernel_naive),
-            "powers": kernels(lambda *a: Cy.dplr_power_kernel(*a, block=block)),
-        },
+        {"dense": kernels(naive), "powers": kernels(Cy.dplr_power_kernel)},
         systems,
         grads=False,
     )
 
 
 def test_power_kernel_gradients_match_dense_bilinear(x64):
-    """Gradients through the low-rank doubling, the dense squarings and the row scan."""
+    """Gradients through the low-rank doubling, the dense squarings and the row scan (the
+    Cauchy kernel's are checked by test_kernel_gradients_match_dense_bilinear)."""
     check_equivalent(
         {
             "dense": lambda *s: Cy.dplr_ssm_kernel_naive(*s, 37),
             "powers": lambda *s: Cy.dplr_power_kernel(*s, 37, block=8),
-            "cauchy": lambda *s: Cy.dplr_ssm_kernel(*s, 37),
         },
         *_system("legt", 8, 2, jnp.float64),
     )

@@ -37,13 +37,13 @@ def _pure(layer, mode):
     return lambda p, x: nnx.merge(graphdef, p)(x), params
 
 
-def _modes(layer, jit=False):
+def _modes(layer, jit=False, cauchy=True):
     """Every mode; for S4 also the ``"fft"`` mode with the Cauchy kernel (default: powers)."""
     impls = {}
     for mode in RUN_MODES:
         fn, params = _pure(layer, mode)
         impls[mode] = jax.jit(fn) if jit else fn
-    if isinstance(layer, S4):
+    if cauchy and isinstance(layer, S4):
         layer.kernel = "cauchy"
         fn, params = _pure(layer, "fft")
         impls["fft-cauchy"] = jax.jit(fn) if jit else fn
@@ -65,7 +65,8 @@ def test_modes_agree_outputs_and_gradients(cls, dtype, kw):
     with jax.enable_x64(dtype == "float64"):
         layer = _layer(cls, dtype, **kw)
         # Jitted: one compile per mode is cheaper than eager dispatch under grad.
-        impls, params = _modes(layer, jit=True)
+        # The Cauchy kernel joins once per layer class (float64, causal) to bound the time.
+        impls, params = _modes(layer, jit=True, cauchy=dtype == "float64")
         check_equivalent(impls, params, _input(dtype=dtype))
 
 
@@ -152,7 +153,7 @@ def test_bidirectional_mask_ignores_padding(x64, cls):
 @pytest.mark.parametrize("cls", [S4D, S4])
 def test_length_one(cls):
     layer = _layer(cls)
-    impls, params = _modes(layer)
+    impls, params = _modes(layer, cauchy=False)
     check_equivalent(impls, params, _input(length=1), grads=False)
 
 

@@ -265,16 +265,10 @@ def _dense(g, X, Y):
     return G - jnp.einsum("jhs,jht->hst", X, Y)
 
 
-def _lowrank_apply(power: _LowRankPower, cols=None, rows=None):
-    """``(Ā^k cols, rows Ā^k)`` for real-coordinate vectors ``(..., H, S)`` (None passes)."""
-    out_cols = out_rows = None
-    if cols is not None:
-        coef = jnp.einsum("jhs,...hs->...jh", power.Y, cols)
-        out_cols = _diag_apply(power.g, cols) - jnp.einsum("jhs,...jh->...hs", power.X, coef)
-    if rows is not None:
-        coef = jnp.einsum("...hs,jhs->...jh", rows, power.X)
-        out_rows = _diag_apply_rows(power.g, rows) - jnp.einsum("...jh,jhs->...hs", coef, power.Y)
-    return out_cols, out_rows
+def _lowrank_apply(power: _LowRankPower, cols):
+    """``Ā^k cols`` for real-coordinate column vectors ``cols (..., H, S)``."""
+    coef = jnp.einsum("jhs,...hs->...jh", power.Y, cols)
+    return _diag_apply(power.g, cols) - jnp.einsum("jhs,...jh->...hs", power.X, coef)
 
 
 def _lowrank_square(power: _LowRankPower) -> _LowRankPower:
@@ -285,28 +279,22 @@ def _lowrank_square(power: _LowRankPower) -> _LowRankPower:
     return _LowRankPower(power.g * power.g, X, jnp.concatenate([power.Y, Y2], axis=0))
 
 
-def _cat(a, b):
-    return None if a is None else jnp.concatenate([a, b], axis=0)
+def _doubling(power: _LowRankPower, T: int, cols, *, final: bool = False):
+    """Powers by doubling: ``cols (1, H, S) → [Ā^j c]_{j<T} (T, H, S)``.
 
-
-def _doubling(power: _LowRankPower, T: int, cols=None, rows=None, *, final: bool = False):
-    """Powers by doubling: ``cols → [Ā^j c]_{j<T}`` and ``rows → [r Ā^j]_{j<T}``.
-
-    ``cols`` / ``rows`` are ``(1, ..., H, S)`` (a leading power axis). ``Ā^k`` stays in the
-    low-rank form while its rank ``k·r`` is at most ``S/4`` (``O(S·k·r)`` per product instead
-    of ``O(S²)``, ``O(S·(k·r)²)`` per squaring instead of ``O(S³)``), then switches to dense
-    squarings. Returns ``(cols, rows, Ā^K)``, ``K`` the power of two ≥ ``T``, the last as a
-    dense ``(H, S, S)`` matrix when ``final`` (else None).
+    ``Ā^k`` stays in the low-rank form while its rank ``k·r`` is at most ``S/4`` (``O(S·k·r)``
+    per product instead of ``O(S²)``, ``O(S·(k·r)²)`` per squaring instead of ``O(S³)``), then
+    switches to dense squarings. Returns ``(cols, Ā^K)``, ``K`` the power of two ≥ ``T``, the
+    latter as a dense ``(H, S, S)`` matrix when ``final`` (else None).
     """
     dense = None
     k = 1
     while k < T:
         if dense is None:
-            new_cols, new_rows = _lowrank_apply(power, cols, rows)
+            new = _lowrank_apply(power, cols)
         else:
-            new_cols = None if cols is None else jnp.einsum("hst,...ht->...hs", dense, cols)
-            new_rows = None if rows is None else jnp.einsum("...hs,hst->...ht", rows, dense)
-        cols, rows = _cat(cols, new_cols), _cat(rows, new_rows)
+            new = jnp.einsum("hst,...ht->...hs", dense, cols)
+        cols = jnp.concatenate([cols, new], axis=0)
         k *= 2
         if k >= T and not final:
             break
@@ -317,9 +305,7 @@ def _doubling(power: _LowRankPower, T: int, cols=None, rows=None, *, final: bool
             dense = dense @ dense
     if final and dense is None:
         dense = _dense(*power)
-    cols = None if cols is None else cols[:T]
-    rows = None if rows is None else rows[:T]
-    return cols, rows, dense
+    return cols[:T], dense
 
 
 def _real_output(C):
@@ -349,8 +335,8 @@ def dplr_diagonalize(Lambda, P, B, C, dt):
 def dplr_chunk_operators(Lambda, P, B, C, dt, T: int, *, strict: bool = False) -> ChunkOps:
     """:class:`~ssmix.kernels.vandermonde.ChunkOps` of the DPLR system (dense, ``S = N``).
 
-    Powers ``Ā^j B̄`` and ``C Ā^j`` for ``j < T`` come by doubling with ``Ā^k`` in the
-    low-rank form ``G − XYᵀ`` (:func:`_doubling`; dense squarings only once the rank is large).
+    Powers ``Ā^j B̄`` and ``C Ā^j`` for ``j < T`` come from the dense real form by doubling
+    (``log₂ T`` batched ``N × N`` matmuls).
 
     Args:
       Lambda, P, B, C, dt: as :func:`dplr_ssm_kernel`.
@@ -359,17 +345,19 @@ def dplr_chunk_operators(Lambda, P, B, C, dt, T: int, *, strict: bool = False) -
         bidirectional layer).
     """
     check_positive_int("T", T)
-    Lambda, P, B, dt, C = _prepare(Lambda, P, B, dt, C)
-    g, X, Y, dB = _lowrank_transition(Lambda, P, B, dt)
-    power = _LowRankPower(g, X, Y)
-    C_r = _real_output(C)
-    rows = C_r if strict else _lowrank_apply(power, rows=C_r)[1]
-    cols, rows, _ = _doubling(power, T, cols=dB[None], rows=rows[None])
-    taps = jnp.einsum("chs,jhs->chj", C_r, cols)
+    dA, dB, C_r = dplr_dense(Lambda, P, B, C, dt)
+    cols = dB[..., None]  # (H, S, j): Ā^j B̄
+    rows = C_r[..., None, :] if strict else jnp.einsum("chs,hst->cht", C_r, dA)[..., None, :]
+    power = dA
+    while cols.shape[-1] < T:
+        cols = jnp.concatenate([cols, power @ cols], axis=-1)
+        rows = jnp.concatenate([rows, rows @ power], axis=-2)
+        power = power @ power
+    cols, rows = cols[..., :T], rows[..., :T, :]
+    taps = jnp.einsum("chs,hsj->chj", C_r, cols)
     if strict:
         taps = jnp.pad(taps[..., : T - 1], ((0, 0), (0, 0), (1, 0)))
-    w_in = jnp.moveaxis(cols, 0, -1)[..., ::-1]  # (H, S, T)
-    return ChunkOps(taps, w_in, jnp.moveaxis(rows, 0, -1), None, _dense(g, X, Y))
+    return ChunkOps(taps, cols[..., ::-1], jnp.swapaxes(rows, -1, -2), None, dA)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +407,7 @@ def dplr_power_kernel(Lambda, P, B, C, dt, L: int, *, block: int | None = None):
     T = min(block, 1 << (L - 1).bit_length())
     q = -(-L // T)
     g, X, Y, dB = _lowrank_transition(Lambda, P, B, dt)
-    cols, _, power = _doubling(_LowRankPower(g, X, Y), T, cols=dB[None], final=q > 1)
+    cols, power = _doubling(_LowRankPower(g, X, Y), T, dB[None], final=q > 1)
     C_r = _real_output(C)
     if q == 1:
         rows = C_r[None]
