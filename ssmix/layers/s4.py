@@ -75,9 +75,10 @@ def auto_mode(L: int, layer: str = "s4d") -> str:
     """The mode ``mode="auto"`` runs for length ``L`` and ``layer`` (``"s4d"`` or ``"s4"``).
 
     Measured on CPU with ``benchmarks/s4.py`` (forward + backward, B = 16, H = 128, N = 64):
-    the FFT path is the fastest at every length measured (1k–16k) for both layers — for S4D
-    1.6× the chunked one at 1k and 2.1× at 4k, for S4 (blocked-powers kernel) 3.0× at 1k,
-    2.3× at 4k and 2.5× at 16k — so the rule is ``"fft"`` everywhere. ``layer`` is kept so
+    the FFT path is the fastest at every length measured (1k–16k) for both layers — in two
+    runs, for S4D 1.3–1.6× the chunked one at 1k and 1.8–2.1× at 4k, for S4 (blocked-powers
+    kernel) 2.5–3.0× at 1k, 2.3× at 4k and 2.1–2.5× at 16k — so the rule is ``"fft"``
+    everywhere. ``layer`` is kept so
     that a backend with a different balance (an accelerator, where the chunked matmuls may
     win) can get its own rule.
     """
