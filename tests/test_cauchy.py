@@ -105,15 +105,8 @@ def test_power_kernel_gradients_match_dense_bilinear(x64):
 
 
 def test_power_block_rule_and_errors():
-    assert [Cy.power_block(L) for L in (1, 2, 16, 1024, 4096, 16384, 10**6)] == [
-        1,
-        1,
-        2,
-        16,
-        32,
-        64,
-        64,
-    ]
+    lengths = (1, 2, 16, 1024, 2048, 2049, 4096, 8193, 16384, 10**6)
+    assert [Cy.power_block(L) for L in lengths] == [1, 1, 2, 16, 32, 64, 64, 128, 128, 128]
     Lam, P, B, C, dt = _system("legs", 8, 1, jnp.float32)
     with pytest.raises(ValueError, match="block must be a power of two; got 6"):
         Cy.dplr_power_kernel(Lam, P, B, C, dt, 8, block=6)

@@ -366,14 +366,20 @@ def dplr_chunk_operators(Lambda, P, B, C, dt, T: int, *, strict: bool = False) -
 
 
 def power_block(L: int) -> int:
-    """Block ``T`` of :func:`dplr_power_kernel` for length ``L``: ``2^⌈log₂L/2 − 1⌉`` in [1, 64].
+    """Block ``T`` of :func:`dplr_power_kernel` for length ``L``, a measured rule.
 
-    Measured with ``benchmarks/s4.py`` on CPU (N = 64): T = 16 at L = 1024, 32 at 4096 and
-    64 at 16384 balance the doubling (whose rank, and so cost, grows with T) against the
-    ``L/T`` sequential steps of the row scan.
+    ``2^⌈log₂L/2 − 1⌉`` up to L = 2048 (16 at 1024), 64 up to 8192, 128 beyond. The doubling's
+    cost grows with T (the low-rank factor has ``T·r`` columns), the row scan's with ``L/T``
+    sequential steps. Swept on CPU (H = 128, N = 64, kernel forward + backward, T = 8…256):
+    fastest T = 16 at L = 1024 (17.5 ms; 23 at 32), 64 at 4096 (34.6 ms; 44 at 32, 59 at
+    128), 128 at 16384 (81 ms; 94 at 64, 104 at 256).
     """
     check_positive_int("L", L)
-    return int(min(64, 1 << max(0, math.ceil(math.log2(L) / 2 - 1))))
+    if L > 8192:
+        return 128
+    if L > 2048:
+        return 64
+    return 1 << max(0, math.ceil(math.log2(L) / 2 - 1))
 
 
 def dplr_power_kernel(Lambda, P, B, C, dt, L: int, *, block: int | None = None):
