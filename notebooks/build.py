@@ -757,7 +757,7 @@ forms = {
         "dense": jax.jit(lambda q, k, v: softmax_attention(q, k, v)),
     },
 }
-lengths = [128, 512, 2048]
+lengths = [64, 256, 1024]
 timings = {}
 for structure, spec in forms.items():
     names = [name for name in spec if name != "inputs"]
