@@ -228,15 +228,16 @@ def _lowrank_transition(Lambda, P, B, dt):
     """
     params = dplr_step_setup(Lambda, P, B, dt)
     g = params.D * params.E
-    U = _to_real_coords(params.D[None] * params.P)  # (r, H, S)
+    U = _to_real(params.D[None] * params.P)  # (r, H, S)
     X = jnp.einsum("rhs,hrq->qhs", U, params.S_inv)
     Q = jnp.conj(params.P) * (1 + g)[None]
-    Y = jnp.concatenate([2 * Q.real, -2 * Q.imag], axis=-1)
-    dB = _to_real_coords(_apply_A1(params, 2 * params.B))
+    Y = 2 * _to_real(jnp.conj(Q))
+    dB = _to_real(_apply_A1(params, 2 * params.B))
     return g, X, Y, dB
 
 
-def _to_real_coords(x):
+def _to_real(x):
+    """Complex half vectors ``(..., N/2)`` → real coordinates ``(..., N)`` = ``[Re x, Im x]``."""
     return jnp.concatenate([x.real, x.imag], axis=-1)
 
 
@@ -310,7 +311,7 @@ def _doubling(power: _LowRankPower, T: int, cols, *, final: bool = False):
 
 def _real_output(C):
     """Output row on ``[Re x, Im x]`` equal to ``2·Re(C x)``."""
-    return jnp.concatenate([2 * C.real, -2 * C.imag], axis=-1)
+    return 2 * _to_real(jnp.conj(C))
 
 
 def dplr_diagonalize(Lambda, P, B, C, dt):

@@ -83,11 +83,9 @@ def _compute_dtype(*arrays):
 def _apply(u: jax.Array, k: jax.Array, n: int, D, out_dtype) -> jax.Array:
     """Circular convolution of ``u (B, L, H)`` with the zero-padded kernel ``k (…, H, ≤n)``.
 
-    The transforms run along the last axis of ``u`` transposed to ``(B, H, L)``: XLA's FFT
-    acts on minor dimensions, so an FFT along axis 1 would move (copy) the activations and
-    their complex spectra around each transform; one explicit transpose of the real input
-    and one of the real output are cheaper (about 1.3× on the whole forward + backward pass at
-    B = 16, L = 4096, H = 128 on CPU, see ``benchmarks/s4.py``).
+    Transforms along the last axis of ``u`` transposed to ``(B, H, L)`` (module docstring);
+    the two real transposes are about 1.3× cheaper on the whole forward + backward pass than
+    FFTs along axis 1 (B = 16, L = 4096, H = 128 on CPU, ``benchmarks/s4.py``).
     """
     B, L, H = u.shape
     u_f = jnp.fft.rfft(jnp.swapaxes(u, 1, 2), n=n, axis=-1)  # (B, H, F)

@@ -35,6 +35,7 @@ from flax import nnx
 from ssmix import hippo
 from ssmix._checks import check_choice, check_even, check_ndim, check_positive_int
 from ssmix.kernels.cauchy import (
+    _to_real,
     dplr_chunk_operators,
     dplr_dense,
     dplr_power_kernel,
@@ -93,11 +94,6 @@ def _toeplitz(k, lag_offset: int):
     lag = jnp.arange(L)[:, None] - jnp.arange(L)[None, :] - lag_offset
     taps = jnp.take(k, jnp.clip(lag, 0, L - 1), axis=-1)
     return jnp.where((lag >= 0) & (lag < L), taps, 0)
-
-
-def _to_real(x):
-    """Complex half state ``(B, H, N/2)`` → real coordinates ``(B, H, N)`` = ``[Re x, Im x]``."""
-    return jnp.concatenate([x.real, x.imag], axis=-1)
 
 
 def _to_complex(x):
