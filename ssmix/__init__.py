@@ -5,7 +5,18 @@ attention as tested, fast building blocks. See README.md for the table of layers
 """
 
 from ssmix import blocks, hippo, kernels, layers, optim, testing
+from ssmix._backend import BACKENDS, auto_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["blocks", "hippo", "kernels", "layers", "optim", "testing", "__version__"]
+__all__ = [
+    "BACKENDS",
+    "auto_backend",
+    "blocks",
+    "hippo",
+    "kernels",
+    "layers",
+    "optim",
+    "testing",
+    "__version__",
+]

@@ -22,6 +22,7 @@ Users can test their own kernels with it exactly as ssmix tests its own::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,7 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["assert_close", "check_equivalent", "default_tolerance", "EquivalenceReport"]
+__all__ = [
+    "assert_close",
+    "check_equivalent",
+    "default_tolerance",
+    "EquivalenceReport",
+    "TraceStats",
+    "trace_stats",
+]
 
 # (atol, ratio) per precision class. The ratio bounds the relative RMS error, which is the
 # meaningful measure for long reductions (FFTs, scans) where single entries may be tiny.
@@ -413,3 +421,116 @@ def check_equivalent(
             f"implementations disagree with the reference '{ref_name}':\n" + "\n".join(failures)
         )
     return EquivalenceReport(reference=ref_name, rows=rows)
+
+
+# --------------------------------------------------------------------------------------
+# Trace statistics: how an accelerator would see a computation, read off its jaxpr.
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceStats:
+    """What :func:`trace_stats` found in a jaxpr.
+
+    Attributes:
+      loop_iterations: sequential loop iterations in total: the trip count of every
+        ``scan`` / ``while`` summed, a nested loop counted once per iteration of its parent
+        (an outer loop of ``n`` steps around an inner one of ``m`` counts ``n·(1 + m)``).
+        Loops inside a ``pallas_call`` are the kernel's own business and do not count.
+      largest_bytes: size of the largest array any equation produces (loop bodies count
+        their per-iteration arrays; a scan's stacked outputs count at full size).
+      largest: ``"dtype[shape] from primitive"`` of that array.
+      loops: ``(primitive, trip count)`` of every top-level loop, in trace order.
+      unknown_loops: ``while`` loops whose trip count is not known at trace time (counted
+        as one iteration each in ``loop_iterations``).
+    """
+
+    loop_iterations: int
+    largest_bytes: int
+    largest: str
+    loops: tuple[tuple[str, int | None], ...]
+    unknown_loops: int
+
+    def __str__(self) -> str:
+        mib = self.largest_bytes / 2**20
+        return (
+            f"{self.loop_iterations} loop iterations ({len(self.loops)} loops, "
+            f"{self.unknown_loops} of unknown length); largest array {mib:.1f} MiB "
+            f"({self.largest})"
+        )
+
+
+def _fori_trip_count(eqn) -> int | None:
+    """Trip count of a ``while`` that ``lax.fori_loop`` emitted with literal bounds."""
+    from jax.extend.core import Literal
+
+    cond = eqn.params["cond_jaxpr"].jaxpr
+    n_consts = eqn.params["cond_nconsts"]
+    if len(cond.eqns) != 1 or cond.eqns[0].primitive.name != "lt":
+        return None
+    lhs, rhs = cond.eqns[0].invars
+    carry = cond.invars[n_consts:]
+    if lhs not in carry or rhs not in carry:
+        return None
+    init = eqn.invars[eqn.params["body_nconsts"] + n_consts :]
+    lo, hi = init[carry.index(lhs)], init[carry.index(rhs)]
+    if isinstance(lo, Literal) and isinstance(hi, Literal):
+        return max(int(hi.val) - int(lo.val), 0)
+    return None
+
+
+def _walk(jaxpr, stats: dict, top: bool) -> int:
+    """Accumulate the largest output into ``stats``; return the loop iterations of ``jaxpr``."""
+    from jax.extend.core import jaxprs_in_params
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = var.aval
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                size = int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+                if size > stats["bytes"]:
+                    stats["bytes"] = size
+                    stats["what"] = f"{aval.str_short()} from {eqn.primitive.name}"
+        name = eqn.primitive.name
+        if name == "pallas_call":
+            continue
+        subs = list(jaxprs_in_params(eqn.params))
+        if name == "scan":
+            trip = int(eqn.params["length"])
+        elif name == "while":
+            trip = _fori_trip_count(eqn)
+            if trip is None:
+                stats["unknown"] += 1
+        else:
+            trip = None
+        inner = [_walk(sub, stats, top=False) for sub in subs]
+        if name in ("scan", "while"):
+            n = 1 if trip is None else trip
+            total += n * (1 + sum(inner))
+            if top:
+                stats["loops"].append((name, trip))
+        elif name == "cond":
+            total += max(inner, default=0)
+        else:
+            total += sum(inner)
+    return total
+
+
+def trace_stats(fn: Callable, *args: Any, **kwargs: Any) -> TraceStats:
+    """Trace ``fn(*args, **kwargs)`` with ``jax.make_jaxpr`` and count its loops and memory.
+
+    Nothing is executed or compiled, so the shapes can be those of a long run (pass
+    ``jax.ShapeDtypeStruct`` arguments) and the forms can be those of another backend
+    (trace inside ``ssmix.auto_backend("gpu")``). To see a training step, pass a function
+    that computes the forward pass and its gradient, e.g. ``jax.grad(loss)``.
+    """
+    closed = jax.make_jaxpr(functools.partial(fn, **kwargs))(*args)
+    stats = {"bytes": 0, "what": "nothing", "loops": [], "unknown": 0}
+    iterations = _walk(closed.jaxpr, stats, top=True)
+    return TraceStats(
+        loop_iterations=iterations,
+        largest_bytes=stats["bytes"],
+        largest=stats["what"],
+        loops=tuple(stats["loops"]),
+        unknown_loops=stats["unknown"],
+    )
