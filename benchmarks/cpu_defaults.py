@@ -7,7 +7,8 @@ H = 128; ``--small``: B = 2, H = 32, L ∈ {256, 1024}) in fresh processes, alte
 this tree and ``--baseline`` (a checkout of an earlier commit, e.g. made with
 ``git worktree add /tmp/ssmix-base <commit>``), and prints both medians and their ratio.
 
-Run: ``python benchmarks/cpu_defaults.py --baseline /tmp/ssmix-base [--small]``.
+Run: ``python benchmarks/cpu_defaults.py --baseline /tmp/ssmix-base [--small]`` (without
+``--baseline`` it times this tree alone).
 """
 
 from __future__ import annotations
@@ -72,21 +73,28 @@ def main(argv=None) -> None:
     if args.worker:
         _worker(args.worker[0], int(args.worker[1]), B, H, args.repeats)
         return
-    if args.baseline is None:
-        parser.error("--baseline is required")
     lengths = args.lengths or ([256, 1024] if args.small else [1024, 4096, 16384])
     sys.path.insert(0, str(HERE))
     from benchmarks.common import print_table
 
     print(f"default forward + backward on CPU, B={B} H={H}, median of {args.repeats}")
+    if args.baseline is None:
+        print("(no --baseline given: this tree only)")
     rows = []
     for L in lengths:
         for layer in args.layers:
-            base = _time(args.baseline.resolve(), layer, L, B, H, args.repeats)
             new = _time(HERE, layer, L, B, H, args.repeats)
-            rows.append([L, layer, f"{base * 1e3:.1f}", f"{new * 1e3:.1f}", f"{new / base:.2f}"])
+            row = [L, layer, f"{new * 1e3:.1f}"]
+            if args.baseline is not None:
+                base = _time(args.baseline.resolve(), layer, L, B, H, args.repeats)
+                row[2:2] = [f"{base * 1e3:.1f}"]
+                row.append(f"{new / base:.2f}")
+            rows.append(row)
             print(f"  {layer} L={L}: done", file=sys.stderr, flush=True)
-    print_table(["L", "layer", "baseline ms", "this tree ms", "ratio"], rows)
+    headers = ["L", "layer", "this tree ms"]
+    if args.baseline is not None:
+        headers = ["L", "layer", "baseline ms", "this tree ms", "this / baseline"]
+    print_table(headers, rows)
 
 
 if __name__ == "__main__":
