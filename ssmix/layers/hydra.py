@@ -12,6 +12,9 @@ zeros at padded positions (so ``x``, ``B`` and ``C`` vanish there) and ``dt`` is
 there. A zero step neither decays the state nor adds to it, so the backward scan starts, in
 effect, at the last valid position with its initial state intact, and nothing from the
 padding reaches a valid output: valid outputs equal those of each sequence run alone.
+
+Modes are the methods of :func:`~ssmix.kernels.ssd.quasiseparable`; ``mode="auto"`` resolves
+by :func:`auto_mode` when the layer is called (traced), from :func:`ssmix.auto_backend`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_positive_int
-from ssmix.kernels.ssd import METHODS, quasiseparable, quasiseparable_matrix
+from ssmix.kernels.ssd import METHODS, auto_method, quasiseparable, quasiseparable_matrix
 from ssmix.layers.base import SSMParam
 from ssmix.layers.mixers import GatedConvWrapper, dt_bias_init, zero_padding
 
-__all__ = ["Hydra"]
+__all__ = ["Hydra", "auto_mode"]
+
+
+def auto_mode(L: int, backend: str | None = None) -> str:
+    """The quasiseparable method ``mode="auto"`` picks for length ``L`` on ``backend``
+    (``None``: :func:`ssmix.auto_backend`).
+
+    - ``"cpu"``: ``"chunked"`` at every length (fastest measured on the 2-core CPU:
+      ``benchmarks/hydra.py``, at least 3× the sequential scan at L = 4096).
+    - ``"gpu"``, ``"tpu"``: ``"parallel"`` at every length: no loop forward or backward (the
+      chunked form's loop over chunks is a round of kernel launches per chunk there); not yet
+      timed on a device.
+    """
+    check_positive_int("L", L)
+    return auto_method(resolve_backend(backend))
 
 
 class Hydra(GatedConvWrapper):
@@ -38,8 +56,11 @@ class Hydra(GatedConvWrapper):
       expand: ``d_inner = expand·d_model``.
       headdim: channels per head ``P``; ``Hh = d_inner / headdim`` heads.
       ngroups: groups ``G`` sharing ``B, C`` (must divide ``Hh``).
-      chunk_size: chunk length of the chunked SSD kernel.
-      mode: ``"chunked"`` (default), ``"sequential"`` or ``"materialized"``: the method of
+      chunk_size: chunk length of the chunked and parallel SSD kernels; None (default):
+        the backend's default (:func:`~ssmix.kernels.ssd.default_chunk_size`: 64 on CPU,
+        128 on GPU / TPU).
+      mode: ``"auto"`` (default, :func:`auto_mode`), ``"chunked"``, ``"parallel"``,
+        ``"sequential"`` or ``"materialized"``: the method of
         :func:`~ssmix.kernels.ssd.quasiseparable` (all give the same result).
       learnable_init_states: learn one ``(Hh, P, N)`` state used as the initial state of both
         directions (as in the reference implementation).
@@ -65,8 +86,8 @@ class Hydra(GatedConvWrapper):
         expand: int = 2,
         headdim: int = 64,
         ngroups: int = 1,
-        chunk_size: int = 64,
-        mode: str = "chunked",
+        chunk_size: int | None = None,
+        mode: str = "auto",
         learnable_init_states: bool = False,
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
@@ -80,7 +101,9 @@ class Hydra(GatedConvWrapper):
         check_positive_int("expand", expand)
         self.headdim = check_positive_int("headdim", headdim)
         self.ngroups = G = check_positive_int("ngroups", ngroups)
-        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.chunk_size = chunk_size
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size)
         self.mode = check_choice("mode", mode, METHODS)
         d_inner = expand * d_model
         if d_inner % headdim:
@@ -127,7 +150,8 @@ class Hydra(GatedConvWrapper):
         if self.init_states is not None:
             h = jnp.broadcast_to(self.init_states[...], (x.shape[0], *self.init_states.shape))
             init = (h, h)
-        y = quasiseparable(*args, chunk_size=self.chunk_size, initial_states=init, method=self.mode)
+        mode = auto_mode(x.shape[1]) if self.mode == "auto" else self.mode
+        y = quasiseparable(*args, chunk_size=self.chunk_size, initial_states=init, method=mode)
         return self.output(y.reshape(*x.shape[:2], self.d_inner), z)
 
     def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:

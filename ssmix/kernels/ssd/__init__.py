@@ -1,0 +1,325 @@
+"""Semiseparable (SSD, Mamba-2) sequence mixing and the quasiseparable (Hydra) mixer.
+
+Shapes: ``x (B, L, Hh, P)`` (batch, length, heads, head dim), ``dt (B, L, Hh)`` positive steps,
+``A (Hh,)`` negative decay rates, ``B, C (B, L, G, N)`` with ``G`` groups dividing ``Hh`` (head
+``h`` reads group ``h // (Hh // G)``), states ``(B, Hh, P, N)``. Per head the recurrence is
+
+    h_t = exp(dt_t·A)·h_{t−1} + dt_t·x_t B_tᵀ,      y_t = h_t C_t,
+
+i.e. ``y = M x`` with the lower-triangular (semiseparable) matrix
+
+    M[t, s] = C_t·B_s · exp(A·(cum_t − cum_s)) · dt_s   (s ≤ t),   cum_t = Σ_{r≤t} dt_r.
+
+``reverse=True`` runs it from the end (``h_t = exp(dt_t·A)·h_{t+1} + dt_t·x_t B_tᵀ``), which is
+the same as flipping every input along the length, running forward and flipping ``y`` back.
+
+Four methods compute the same thing, one file each:
+
+- ``"chunked"`` (:mod:`.chunked`): chunks of ``Q`` steps, the quadratic form inside a chunk
+  and one ``lax.fori_loop`` over the chunks carrying the ``(P, N)`` states, with a
+  hand-written reverse loop as its gradient. The fastest form on XLA:CPU.
+- ``"parallel"`` (:mod:`.parallel`): the same chunks, all at once: Mamba-2's four batched
+  contractions with the chunk-to-chunk state passing as one small matmul or an
+  ``associative_scan``; no loop, forward or backward. The form for accelerators, where every
+  loop step of the chunked form is a round of kernel launches.
+- ``"sequential"`` (:mod:`.sequential`): one ``lax.scan`` step per position.
+- ``"materialized"`` (:mod:`.naive`): build ``M`` explicitly (:func:`ssd_matrix`), O(L²);
+  the oracle.
+
+``method="auto"`` (the default) picks by :func:`auto_method` from the backend
+(:func:`ssmix.auto_backend`): ``"chunked"`` on CPU (measured fastest there), ``"parallel"``
+on GPU and TPU. ``chunk_size=None`` (the default) is :func:`default_chunk_size`: 64 on CPU
+(the chunked method's measured optimum, ``benchmarks/hydra.py``), 128 on GPU and TPU. Both
+are resolved in Python before the jitted kernel is called, so the compiled program is keyed
+on the concrete method.
+
+The quasiseparable mixer of Hydra (REFERENCE §7) adds a backward SSD and a diagonal:
+
+    QS(x) = shift(SS_fw(x)) + flip(shift(SS_bw(flip(x)))) + diag·x,
+
+where ``shift`` moves outputs one step later (row 0 becomes zero). Explicitly, with ``cf``
+and ``cb`` the cumulative sums of ``dt_fw`` and ``dt_bw``,
+
+    M[t, s] = C_fw[t−1]·B_fw[s]·exp(A·(cf[t−1] − cf[s]))·dt_fw[s]     (s < t)
+    M[t, s] = C_bw[t+1]·B_bw[s]·exp(A·(cb[s−1] − cb[t]))·dt_bw[s]     (s > t)
+    M[t, t] = diag[t].
+
+Forward-mode differentiation (``jax.jvp``) of the chunked method is not supported (it has a
+custom reverse-mode rule); the other methods support both.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ssmix._backend import resolve_backend
+from ssmix._checks import check_choice, check_ndim, check_positive_int
+from ssmix.kernels.ssd.chunked import ssd_chunked
+from ssmix.kernels.ssd.common import (
+    check_qs_args,
+    check_ssd_args,
+    compute_dtype,
+    shift_earlier,
+    shift_later,
+)
+from ssmix.kernels.ssd.naive import (
+    initial_state_output,
+    qs_matrix_naive,
+    ssd_matrix_naive,
+    ssd_naive,
+)
+from ssmix.kernels.ssd.parallel import ssd_parallel
+from ssmix.kernels.ssd.sequential import ssd_sequential
+
+__all__ = [
+    "METHODS",
+    "auto_method",
+    "default_chunk_size",
+    "ssd",
+    "ssd_matrix",
+    "quasiseparable",
+    "quasiseparable_matrix",
+]
+
+METHODS = ("auto", "chunked", "parallel", "sequential", "materialized")
+
+#: Chunk length per backend when ``chunk_size=None``. CPU: the chunked loop's measured
+#: optimum. GPU / TPU: 128, inside Mamba-2's 128–256; the parallel form's ``(…, Q, Q)``
+#: tensors hold ``Q/P`` times the activations (2× at head dim 64, Hydra's default) and the
+#: intra-chunk work O(L·Q·(N + P)) balances the state work O(L·N·P) at ``Q ≈ N·P/(N + P)``
+#: for N = P = 64; 128 also fills a TPU MXU tile.
+DEFAULT_CHUNK_SIZE = {"cpu": 64, "gpu": 128, "tpu": 128}
+
+
+def auto_method(backend: str | None = None) -> str:
+    """The method ``method="auto"`` resolves to: ``"chunked"`` on ``"cpu"`` (measured fastest
+    on XLA:CPU, ``benchmarks/hydra.py``), ``"parallel"`` on ``"gpu"`` and ``"tpu"`` (no loop:
+    a loop step is a round of kernel launches there). ``backend=None`` means
+    :func:`ssmix.auto_backend`."""
+    return "chunked" if resolve_backend(backend) == "cpu" else "parallel"
+
+
+def default_chunk_size(backend: str | None = None) -> int:
+    """The chunk length ``chunk_size=None`` resolves to (:data:`DEFAULT_CHUNK_SIZE`)."""
+    return DEFAULT_CHUNK_SIZE[resolve_backend(backend)]
+
+
+def _resolve(method, chunk_size):
+    """Check ``method`` and ``chunk_size`` and replace ``"auto"`` / ``None`` by the backend's
+    choice, in Python, so the jitted kernels are keyed on concrete values."""
+    check_choice("method", method, METHODS)
+    if chunk_size is None:
+        chunk_size = default_chunk_size()
+    check_positive_int("chunk_size", chunk_size)
+    return (auto_method() if method == "auto" else method), chunk_size
+
+
+def ssd(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    *,
+    chunk_size: int | None = None,
+    initial_state: jax.Array | None = None,
+    reverse: bool = False,
+    method: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """Run the SSD (Mamba-2 scalar-decay) recurrence over axis 1.
+
+    Args:
+      x: inputs ``(B, L, Hh, P)``.
+      dt: positive steps ``(B, L, Hh)`` (a zero step is an identity step: no decay, no input).
+      A: negative decay rates ``(Hh,)``.
+      B, C: input and output projections ``(B, L, G, N)``, ``G`` dividing ``Hh``.
+      chunk_size: chunk length ``Q`` of the chunked and parallel methods; any positive
+        integer (``L`` is padded internally to a multiple of ``min(Q, L)``), or None for
+        :func:`default_chunk_size` (64 on CPU, 128 on GPU / TPU).
+      initial_state: ``(B, Hh, P, N)`` state before the first step (after the last one when
+        ``reverse``); zeros when omitted.
+      reverse: run from ``t = L − 1`` down to 0.
+      method: ``"auto"`` (:func:`auto_method`), ``"chunked"``, ``"parallel"``,
+        ``"sequential"`` or ``"materialized"`` (module docstring).
+
+    Returns:
+      ``(y (B, L, Hh, P), final_state (B, Hh, P, N))``: ``y`` in the dtype of ``x``, the
+      state in the promoted compute dtype (at least float32). The final state is the one
+      after the last step processed (``t = L − 1``, or ``t = 0`` when ``reverse``).
+
+    Raises:
+      ValueError: wrong ranks or shapes, ``G`` not dividing ``Hh``, a non-positive
+        ``chunk_size``, an unknown ``method``.
+      TypeError: non-floating inputs.
+    """
+    method, chunk_size = _resolve(method, chunk_size)
+    return _ssd(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size=chunk_size,
+        initial_state=initial_state,
+        reverse=reverse,
+        method=method,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "reverse", "method"))
+def _ssd(x, dt, A, B, C, *, chunk_size, initial_state, reverse, method):
+    check_ssd_args(x, dt, A, B, C, initial_state)
+    out_dtype, dtype = compute_dtype(x, dt, A, B, C, initial_state)
+    x, dt, A, B, C = (v.astype(dtype) for v in (x, dt, A, B, C))
+    if initial_state is not None:
+        initial_state = initial_state.astype(dtype)
+    if method == "materialized":
+        y, final = ssd_naive(x, dt, A, B, C, initial_state, reverse)
+    elif method == "sequential":
+        y, final = ssd_sequential(x, dt, A, B, C, initial_state, reverse)
+    else:
+        form = ssd_chunked if method == "chunked" else ssd_parallel
+        if reverse:
+            x, dt, B, C = (jnp.flip(v, axis=1) for v in (x, dt, B, C))
+        y, final = form(x, dt, A, B, C, initial_state, chunk_size)
+        if reverse:
+            y = jnp.flip(y, axis=1)
+    return y.astype(out_dtype), final
+
+
+@functools.partial(jax.jit, static_argnames=("reverse",))
+def ssd_matrix(
+    dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, reverse: bool = False
+) -> jax.Array:
+    """The SSD mixing matrix ``M (B, Hh, L, L)`` with ``y[:, t, h] = Σ_s M[:, h, t, s] x[:, s, h]``.
+
+    Forward: ``M[t, s] = C_t·B_s·exp(A·Σ_{r=s+1}^{t} dt_r)·dt_s`` for ``s ≤ t``, else 0.
+    Reverse: ``M[t, s] = C_t·B_s·exp(A·Σ_{r=t}^{s−1} dt_r)·dt_s`` for ``s ≥ t``, else 0.
+    Shapes as in :func:`ssd` (``dt (B, L, Hh)``, ``A (Hh,)``, ``B, C (B, L, G, N)``). O(L²).
+    """
+    check_ndim("dt", dt, 3, "(B, L, Hh)")
+    b, L, H = dt.shape
+    x_like = jax.ShapeDtypeStruct((b, L, H, 1), dt.dtype)
+    check_ssd_args(x_like, dt, A, B, C)
+    _, dtype = compute_dtype(dt, A, B, C)
+    dt, A, B, C = (v.astype(dtype) for v in (dt, A, B, C))
+    return ssd_matrix_naive(dt, A, B, C, reverse)
+
+
+def quasiseparable(
+    x: jax.Array,
+    dt_fw: jax.Array,
+    dt_bw: jax.Array,
+    A: jax.Array,
+    B_fw: jax.Array,
+    C_fw: jax.Array,
+    B_bw: jax.Array,
+    C_bw: jax.Array,
+    diag: jax.Array,
+    *,
+    chunk_size: int | None = None,
+    initial_states: tuple[jax.Array, jax.Array] | None = None,
+    method: str = "auto",
+) -> jax.Array:
+    """Hydra's quasiseparable mixer: ``shift(SS_fw(x)) + flip(shift(SS_bw(flip x))) + diag·x``.
+
+    Both directions share ``A``. The chunked and parallel methods run them in one batched
+    call of the SSD form (the backward inputs flipped and stacked behind the forward ones
+    along the batch axis). Running the two directions instead as two lanes of one loop
+    walking the chunks in opposite orders, without the flipped copy, measured 1.5× slower at
+    L = 4k and 2.4× at 16k on CPU and scaled super-linearly (``benchmarks/hydra.py``). The
+    sequential method runs a forward and a reverse scan; the materialized method applies
+    :func:`quasiseparable_matrix`.
+
+    Args:
+      x: inputs ``(B, L, Hh, P)``.
+      dt_fw, dt_bw: positive steps ``(B, L, Hh)`` of the two directions, aligned with ``x``.
+      A: negative decay rates ``(Hh,)``, shared by both directions.
+      B_fw, C_fw, B_bw, C_bw: projections ``(B, L, G, N)``, aligned with ``x``.
+      diag: the diagonal ``(B, L, Hh)`` (Hydra: ``D_h + (W_D x_t)_h``).
+      chunk_size: chunk length of the chunked and parallel methods, or None for
+        :func:`default_chunk_size`.
+      initial_states: optional ``(h_fw, h_bw)``, each ``(B, Hh, P, N)``: the forward state
+        before position 0 and the backward state after position ``L − 1``. Because of the
+        shift, ``h_fw`` reaches rows 1 … L−1 and ``h_bw`` rows 0 … L−2.
+      method: ``"auto"`` (:func:`auto_method`), ``"chunked"``, ``"parallel"``,
+        ``"sequential"`` or ``"materialized"``.
+
+    Returns:
+      ``y (B, L, Hh, P)`` in the dtype of ``x``.
+
+    Raises:
+      ValueError: inconsistent shapes, ``G`` not dividing ``Hh``, a non-positive
+        ``chunk_size``, an unknown ``method``.
+    """
+    method, chunk_size = _resolve(method, chunk_size)
+    args = (x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag)
+    return _quasiseparable(
+        *args, chunk_size=chunk_size, initial_states=initial_states, method=method
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "method"))
+def _quasiseparable(
+    x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, *, chunk_size, initial_states, method
+):
+    h_fw, h_bw = check_qs_args(x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, initial_states)
+    out_dtype, dtype = compute_dtype(x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, h_fw)
+    x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag = (
+        v.astype(dtype) for v in (x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag)
+    )
+    if h_fw is not None:
+        h_fw, h_bw = h_fw.astype(dtype), h_bw.astype(dtype)
+    skip = diag[..., None] * x
+    if method == "materialized":
+        M = qs_matrix_naive(dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag)
+        y = jnp.einsum("bhts,bshp->bthp", M, x)
+        if h_fw is not None:
+            y = y + shift_later(initial_state_output(h_fw, dt_fw, A, C_fw, reverse=False))
+            y = y + shift_earlier(initial_state_output(h_bw, dt_bw, A, C_bw, reverse=True))
+        return y.astype(out_dtype)
+    if method == "sequential":
+        y_fw, _ = ssd_sequential(x, dt_fw, A, B_fw, C_fw, h_fw, False)
+        y_bw, _ = ssd_sequential(x, dt_bw, A, B_bw, C_bw, h_bw, True)
+        return (shift_later(y_fw) + shift_earlier(y_bw) + skip).astype(out_dtype)
+    form = ssd_chunked if method == "chunked" else ssd_parallel
+    b = x.shape[0]
+    flip = functools.partial(jnp.flip, axis=1)
+    stack = lambda fw, bw: jnp.concatenate([fw, flip(bw)], axis=0)  # noqa: E731
+    h0 = None if h_fw is None else jnp.concatenate([h_fw, h_bw], axis=0)
+    y2, _ = form(
+        stack(x, x), stack(dt_fw, dt_bw), A, stack(B_fw, B_bw), stack(C_fw, C_bw), h0, chunk_size
+    )
+    # Row t takes the forward output of t−1 and the backward output of t+1, which sits at
+    # flipped index L−2−t: both are the first L−1 rows of their halves, one of them flipped.
+    y_fw = shift_later(y2[:b])
+    y_bw = jnp.pad(flip(y2[b:, :-1]), ((0, 0), (0, 1), (0, 0), (0, 0)))
+    return (y_fw + y_bw + skip).astype(out_dtype)
+
+
+@jax.jit
+def quasiseparable_matrix(
+    dt_fw: jax.Array,
+    dt_bw: jax.Array,
+    A: jax.Array,
+    B_fw: jax.Array,
+    C_fw: jax.Array,
+    B_bw: jax.Array,
+    C_bw: jax.Array,
+    diag: jax.Array,
+) -> jax.Array:
+    """The quasiseparable matrix ``M (B, Hh, L, L)`` of :func:`quasiseparable`, O(L²).
+
+    Built entry by entry from the explicit formula in the module docstring (not from shifted
+    and flipped SSD matrices), so comparing the two checks the shift / flip convention.
+    Arguments as in :func:`quasiseparable` without ``x``.
+    """
+    check_ndim("dt_fw", dt_fw, 3, "(B, L, Hh)")
+    x_like = jax.ShapeDtypeStruct((*dt_fw.shape, 1), dt_fw.dtype)
+    check_qs_args(x_like, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, None)
+    _, dtype = compute_dtype(dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag)
+    args = (v.astype(dtype) for v in (dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag))
+    return qs_matrix_naive(*args)
