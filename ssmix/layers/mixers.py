@@ -40,6 +40,7 @@ those of each sequence run alone.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -48,7 +49,9 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int
+from ssmix.kernels.attention import softmax_attention
 from ssmix.kernels.fftconv import fft_conv_bidirectional
 from ssmix.kernels.ssd import quasiseparable, quasiseparable_matrix, ssd, ssd_matrix
 from ssmix.layers.base import SSMParam
@@ -67,6 +70,9 @@ KINDS = (
 )
 DATA_INDEPENDENT_ONLY = ("dense",)
 MIXER_MODES = ("fast", "materialized")
+#: Kinds whose fast form is the full ``L × L`` product on the CPU rule and a tiled one with
+#: bounded memory under the accelerator rules (or with an explicit ``block_size``).
+TILED_KINDS = ("vandermonde", "cauchy", "attention")
 
 
 def check_input(x: jax.Array, d_model: int, mask: jax.Array | None) -> None:
@@ -110,21 +116,34 @@ def dt_bias_init(
     return inverse_softplus(jnp.maximum(dt, floor))
 
 
-@jax.custom_vjp
-def depthwise_conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
+def depthwise_conv_same(x: jax.Array, w: jax.Array, *, backend: str | None = None) -> jax.Array:
     """``y[:, t] = Σ_i w[i]·x[:, t + i − left]`` with ``left = (K − 1) // 2``, zero padding.
 
     ``x (B, L, C)``, ``w (K, C)`` -> ``(B, L, C)``. Both passes are sums of ``K`` shifted
-    slices (the gradient with respect to ``x`` is the same sum with the taps reversed), each
-    computed one batch element at a time: XLA:CPU would otherwise recompute the sum inside
-    every consumer and materialise the ``K`` shifted inputs they share (``K`` copies of ``x``),
-    and differentiating the slices automatically adds one padded copy of the cotangent per tap.
+    slices (the gradient with respect to ``x`` is the same sum with the taps reversed, the
+    gradient with respect to ``w`` one reduction per tap); differentiating the slices
+    automatically would add one padded copy of the cotangent per tap.
+
+    ``backend`` (default :func:`ssmix.auto_backend`) picks how the batch is walked. ``"cpu"``:
+    one batch element at a time in a ``fori_loop``, because XLA:CPU would otherwise recompute
+    the sum inside every consumer and materialise the ``K`` shifted inputs they share (``K``
+    copies of ``x``); measured there an order of magnitude faster than the depthwise
+    convolution primitive. ``"gpu"`` / ``"tpu"``: the whole batch at once, no loop (on an
+    accelerator every loop step is a round of kernel launches, and the fused shifted sum
+    reads ``x`` once).
     """
-    return _per_batch(lambda xb: _shifted_sum(xb, w, (w.shape[0] - 1) // 2), x)
+    return _depthwise_conv(x, w, resolve_backend(backend) == "cpu")
 
 
-def _per_batch(f, x):
-    """``f`` applied to each ``x[b:b+1]``, written in place into one output."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_conv(x, w, per_batch):
+    return _over_batch(lambda xb: _shifted_sum(xb, w, (w.shape[0] - 1) // 2), x, per_batch)
+
+
+def _over_batch(f, x, per_batch):
+    """``f(x)`` for a batch-wise ``f``: one ``x[b:b+1]`` at a time if ``per_batch``."""
+    if not per_batch:
+        return f(x)
 
     def body(b, out):
         return lax.dynamic_update_index_in_dim(out, f(x[b][None])[0], b, axis=0)
@@ -147,26 +166,29 @@ def _shifted_sum(x, w, left):
     return sum(_shift(x, i - left) * w[i] for i in range(w.shape[0]))
 
 
-def _depthwise_conv_fwd(x, w):
-    return depthwise_conv_same(x, w), (x, w)
+def _depthwise_conv_fwd(x, w, per_batch):
+    return _depthwise_conv(x, w, per_batch), (x, w)
 
 
-def _depthwise_conv_bwd(residuals, g):
+def _depthwise_conv_bwd(per_batch, residuals, g):
     x, w = residuals
     K = w.shape[0]
     left = (K - 1) // 2
     # dx[s] = Σ_i w[i]·g[s − i + left]: the forward sum with reversed taps.
-    gx = _per_batch(lambda gb: _shifted_sum(gb, jnp.flip(w, 0), K - 1 - left), g)
+    gx = _over_batch(lambda gb: _shifted_sum(gb, jnp.flip(w, 0), K - 1 - left), g, per_batch)
 
-    def tap_grads(b, acc):
-        gb, xb = g[b][None], x[b][None]
-        return acc + jnp.stack([jnp.sum(gb * _shift(xb, i - left), axis=(0, 1)) for i in range(K)])
+    def tap_grads(gb, xb):
+        return jnp.stack([jnp.sum(gb * _shift(xb, i - left), axis=(0, 1)) for i in range(K)])
 
-    gw = lax.fori_loop(0, x.shape[0], tap_grads, jnp.zeros_like(w))
+    if per_batch:
+        body = lambda b, acc: acc + tap_grads(g[b][None], x[b][None])  # noqa: E731
+        gw = lax.fori_loop(0, x.shape[0], body, jnp.zeros_like(w))
+    else:
+        gw = tap_grads(g, x)
     return gx, gw
 
 
-depthwise_conv_same.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+_depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 
 
 class ShortConv(nnx.Module):
@@ -175,8 +197,10 @@ class ShortConv(nnx.Module):
     ``y[t, c] = bias[c] + Σ_i weight[i, c]·x[t + i − left, c]`` with ``left = (K − 1) // 2``
     zeros before the sequence and ``K − 1 − left`` after it (PyTorch's ``Conv1d(C, C, K,
     groups=C, padding=K // 2)`` for odd ``K``: ``weight = torch_weight[:, 0, :].T``). It is
-    computed as a sum of ``K`` shifted, scaled slices, which on XLA:CPU is an order of
-    magnitude faster than the depthwise convolution primitive.
+    computed by :func:`depthwise_conv_same` as a sum of ``K`` shifted, scaled slices (on
+    XLA:CPU an order of magnitude faster than the depthwise convolution primitive), one batch
+    element at a time under the CPU rule and over the whole batch, loop-free, under the
+    GPU / TPU rules (:func:`ssmix.auto_backend`).
 
     With ``mask (B, L)`` the padded inputs are read as zeros and the padded outputs are set to
     zero, so a right-padded sequence gets exactly its unpadded result at valid positions.
@@ -337,6 +361,74 @@ def _attention_matrix(q, k, mask):
     return jax.nn.softmax(scores, axis=-1)
 
 
+#: Bytes of one ``(B, Hh, block, L)`` tile of the accelerator forms when ``block_size=None``.
+TILE_BYTES = 256 * 2**20
+
+
+def auto_block_size(batch: int, heads: int, L: int, itemsize: int) -> int:
+    """Rows (or keys) per tile so that one ``(batch, heads, block, L)`` array stays within
+    :data:`TILE_BYTES`: the accelerator rule of the vandermonde / cauchy / attention kinds."""
+    return max(1, min(L, TILE_BYTES // (batch * heads * L * itemsize)))
+
+
+def _vandermonde_rows(q, k, t, max_len, scale):
+    """Rows ``t (T,)`` of :func:`_vandermonde_matrix`: ``(B|1, Hh, T, L)`` from the rows'
+    ``q (B|1, T, Hh, d)`` and all of ``k (B|1, L, Hh, d)``.
+
+    The sum over ``d`` is written out term by term, so no ``(…, T, L, d)`` array is formed."""
+    w = 2 * jnp.pi / max_len
+    s = jnp.arange(k.shape[1], dtype=k.dtype)
+    qt, ks = jnp.moveaxis(q, 1, 2), jnp.moveaxis(k, 1, 2)  # (B, Hh, T, d), (B, Hh, L, d)
+    total = 0.0
+    for i in range(q.shape[-1]):
+        rows = jnp.cos(w * qt[..., :, i, None] * s)  # q_t at position s
+        cols = jnp.cos(w * ks[..., None, :, i] * t[:, None])  # k_s at position t
+        total = total + (rows - cols)
+    return scale * total
+
+
+def _cauchy_rows(q, k, scale):
+    """Rows of :func:`_cauchy_matrix`: ``(B|1, Hh, T, L)`` from the rows' ``q (B|1, T, Hh,
+    d)`` and all of ``k (B|1, L, Hh, d)``, the sum over ``d`` written out term by term."""
+    qt, ks = jnp.moveaxis(q, 1, 2), jnp.moveaxis(k, 1, 2)
+    total = 0.0
+    for i in range(q.shape[-1]):
+        total = total + 1.0 / (qt[..., :, i, None] + ks[..., None, :, i])
+    return scale * total
+
+
+def _apply_matrix(M, v):
+    """``y[:, t, h] = Σ_s M[:, h, t, s]·v[:, s, h]``: ``M (B|1, Hh, T, L)``, ``v (B, L, Hh, P)``."""
+    if M.shape[0] == 1 and v.shape[0] > 1:
+        # A shared (data-independent) matrix is not copied per batch element.
+        return jnp.einsum("hts,bshp->bthp", M[0], v)
+    return jnp.einsum("bhts,bshp->bthp", M, v)
+
+
+def _row_tiled_product(rows, q, v, block):
+    """``M·v`` built ``block`` rows at a time: never more than one ``(B|1, Hh, T, L)`` tile.
+
+    ``rows(q_tile, t_tile) -> (B|1, Hh, T, L)`` builds the rows at positions ``t_tile (T,)``
+    from their ``q_tile (B|1, T, Hh, d)``; ``q (B|1, L, Hh, d)``, ``v (B, L, Hh, P)`` ->
+    ``(B, L, Hh, P)``. The ``n = ⌈L / block⌉`` tiles are made equal (``T = ⌈L / n⌉`` rows, the
+    last padded with zero rows, dropped at the end) and walked by ``lax.map``; each tile is
+    checkpointed, so the backward pass recomputes it instead of storing ``n`` of them.
+    """
+    L = v.shape[1]
+    n = -(-L // block)
+    T = -(-L // n)
+    qp = jnp.pad(q, ((0, 0), (0, n * T - L), (0, 0), (0, 0)))
+    q_tiles = jnp.moveaxis(qp.reshape(q.shape[0], n, T, *q.shape[2:]), 1, 0)
+    t_tiles = jnp.arange(n * T, dtype=q.dtype).reshape(n, T)
+
+    @jax.checkpoint
+    def tile(args):
+        return _apply_matrix(rows(*args), v)
+
+    y = lax.map(tile, (q_tiles, t_tiles))  # (n, B, T, Hh, P)
+    return jnp.moveaxis(y, 0, 1).reshape(v.shape[0], n * T, *v.shape[2:])[:, :L]
+
+
 class MatrixMixer(GatedConvWrapper):
     """A sequence mixer ``y = M·v`` of a chosen structure, inside the shared gated wrapper.
 
@@ -376,6 +468,7 @@ class MatrixMixer(GatedConvWrapper):
         d_conv: int = 7,
         chunk_size: int = 64,
         mode: str = "fast",
+        block_size: int | None = None,
         use_bias: bool = False,
         conv_bias: bool = True,
         rngs,
@@ -386,6 +479,13 @@ class MatrixMixer(GatedConvWrapper):
         self.max_len = check_positive_int("max_len", max_len)
         self.qk_dim = check_positive_int("qk_dim", qk_dim)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        if block_size is not None:
+            check_positive_int("block_size", block_size)
+            if kind not in TILED_KINDS:
+                raise ValueError(
+                    f"block_size applies to the kinds {TILED_KINDS} only; got kind {kind!r}"
+                )
+        self.block_size = block_size
         check_positive_int("expand", expand)
         check_positive_int("headdim", headdim)
         if data_dependent and kind in DATA_INDEPENDENT_ONLY:
@@ -494,9 +594,9 @@ class MatrixMixer(GatedConvWrapper):
         if kind == "toeplitz":
             return _toeplitz_taps_matrix(feats["k_fwd"], feats["k_bwd"])
         q, k = feats["q"], feats["k"]
-        scale = 1.0 / math.sqrt(self.max_len * self.qk_dim)
+        scale = self._scale()
         if kind == "vandermonde":
-            return _vandermonde_matrix(q, k, self.max_len, scale / math.sqrt(2.0))
+            return _vandermonde_matrix(q, k, self.max_len, scale)
         if kind == "cauchy":
             return _cauchy_matrix(q, k, scale)
         if kind == "low_rank":
@@ -508,6 +608,42 @@ class MatrixMixer(GatedConvWrapper):
             return ssd_matrix(dt, A, k, q)
         zero = jnp.zeros((b, L, H), dt.dtype)
         return quasiseparable_matrix(dt[..., :H], dt[..., H:], A, k, q, k, q, zero)
+
+    def _scale(self):
+        """The normalisation of the vandermonde, cauchy and low-rank matrices."""
+        scale = 1.0 / math.sqrt(self.max_len * self.qk_dim)
+        return scale / math.sqrt(2.0) if self.kind == "vandermonde" else scale
+
+    def _tile_size(self, q, v):
+        """Rows (keys for attention) per tile of the tiled form, or None for the full product.
+
+        An explicit ``block_size`` wins; otherwise the CPU rule takes the full product (today's
+        measured form) and the accelerator rules :func:`auto_block_size`."""
+        if self.block_size is not None:
+            return self.block_size
+        if resolve_backend(None) == "cpu":
+            return None
+        batch = v.shape[0] if self.kind == "attention" else q.shape[0]
+        itemsize = jnp.promote_types(jnp.result_type(q, v), jnp.float32).itemsize
+        return auto_block_size(batch, self.nheads, v.shape[1], itemsize)
+
+    def _mix_tiled(self, v, feats, mask, block):
+        """The tiled products of :data:`TILED_KINDS`: ``v (B, L, Hh, P)`` -> ``(B, L, Hh, P)``."""
+        q, k = feats["q"], feats["k"]
+        if self.kind == "attention":
+            # The kernel's layout is (B, Hh, L, ·); data-independent q, k are shared by the batch.
+            q, k, vh = (
+                jnp.moveaxis(jnp.broadcast_to(a, (v.shape[0], *a.shape[1:])), 1, 2)
+                for a in (q, k, v)
+            )
+            y = softmax_attention(q, k, vh, mask=mask, block_size=block)
+            return jnp.moveaxis(y, 2, 1)
+        scale = self._scale()
+        if self.kind == "vandermonde":
+            rows = lambda qt, t: _vandermonde_rows(qt, k, t, self.max_len, scale)  # noqa: E731
+        else:
+            rows = lambda qt, t: _cauchy_rows(qt, k, scale)  # noqa: E731
+        return _row_tiled_product(rows, q, v, block)
 
     def _mix_fast(self, v, feats, mask):
         kind, H = self.kind, self.nheads
@@ -537,7 +673,11 @@ class MatrixMixer(GatedConvWrapper):
             zero = jnp.zeros((b, L, H), dt.dtype)
             args = (v, dt[..., :H], dt[..., H:], feats["A"], k, q, k, q, zero)
             return quasiseparable(*args, chunk_size=self.chunk_size)
-        # dense, vandermonde, cauchy, attention: no sub-quadratic structure to exploit.
+        if kind in TILED_KINDS:
+            block = self._tile_size(feats["q"], v)
+            if block is not None:
+                return self._mix_tiled(v, feats, mask, block)
+        # dense, and vandermonde, cauchy, attention on the CPU rule: the full product.
         M = self._matrix(feats, mask, b, L)
         return jnp.einsum("bhts,bshp->bthp", jnp.broadcast_to(M, (b, *M.shape[1:])), v)
 
