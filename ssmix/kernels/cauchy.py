@@ -22,6 +22,8 @@ Shapes: ``Lambda, B (H, N/2)`` complex; ``P (rank, H, N/2)`` complex (rank 1 may
   form) kept in that form while doubling, so the powers up to ``Ā^T`` cost ``O(N²·k·r)``
   instead of dense ``O(N³)`` squarings. Exact at any length, no ``C̃`` and no frequency grid;
   the S4 layer's default (3–7× faster than the Cauchy sums on CPU, forward and backward).
+  The rows ``C Ā^{iT}`` come by a scan of mat-vecs (CPU rules) or by doubling, with no loop
+  (GPU / TPU rules: :func:`ssmix.auto_backend`).
 - Step forms, all the same system: the O(N) linear step of the S4 code
   (:func:`dplr_step_setup` / :func:`dplr_step`, ``Ā = A₁A₀``, ``B̄ = 2A₁B``), the dense real
   form :func:`dplr_dense` (state ``[Re x, Im x]``, in closed form; the chunked convolution
@@ -38,11 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssmix._checks import check_ndim, check_positive_int
+from ssmix._backend import resolve_backend
+from ssmix._checks import check_choice, check_ndim, check_positive_int
 from ssmix.kernels.vandermonde import ChunkOps
 
 __all__ = [
+    "POWER_METHODS",
     "DPLRStep",
+    "cauchy_block",
     "dplr_chunk_operators",
     "dplr_dense",
     "dplr_diagonalize",
@@ -54,8 +59,17 @@ __all__ = [
     "power_block",
 ]
 
-# Frequencies per block of the Cauchy sums: bounds their memory to O(H·N·block).
+#: How :func:`dplr_power_kernel` forms its rows ``C Ā^{iT}`` (``method=``).
+POWER_METHODS = ("auto", "scan", "doubling")
+
+# Frequencies per block of the Cauchy sums under the CPU rules: bounds their memory to
+# O(H·N·block).
 _FREQ_BLOCK = 256
+
+# Under the accelerator rules a block of the Cauchy sums holds a complex (H, block, N) matrix
+# of at most this many bytes: few large blocks (at H = N = 64, L = 16384: 5), each bounded so
+# that the backward's same-sized temporaries stay well under a few hundred MiB.
+_ACCEL_CAUCHY_BYTES = 64 * 2**20
 
 
 def _prepare(Lambda, P, B, dt, C=None):
@@ -366,16 +380,24 @@ def dplr_chunk_operators(Lambda, P, B, C, dt, T: int, *, strict: bool = False) -
 # --------------------------------------------------------------------------------------------
 
 
-def power_block(L: int) -> int:
-    """Block ``T`` of :func:`dplr_power_kernel` for length ``L``, a measured rule.
+def power_block(L: int, backend: str | None = None) -> int:
+    """Block ``T`` of :func:`dplr_power_kernel` for length ``L`` under ``backend``'s rules.
 
-    ``2^⌈log₂L/2 − 1⌉`` up to L = 2048 (16 at 1024), 64 up to 8192, 128 beyond. The doubling's
-    cost grows with T (the low-rank factor has ``T·r`` columns), the row scan's with ``L/T``
-    sequential steps. Swept on CPU (H = 128, N = 64, kernel forward + backward, T = 8…256):
-    fastest T = 16 at L = 1024 (17.5 ms; 23 at 32), 64 at 4096 (34.6 ms; 44 at 32, 59 at
-    128), 128 at 16384 (81 ms; 94 at 64, 104 at 256).
+    ``backend`` is ``"cpu"``, ``"gpu"``, ``"tpu"`` or None for :func:`ssmix.auto_backend`.
+
+    - ``"cpu"`` (measured): ``2^⌈log₂L/2 − 1⌉`` up to L = 2048 (16 at 1024), 64 up to 8192,
+      128 beyond. The doubling's cost grows with T (the low-rank factor has ``T·r``
+      columns), the row scan's with ``L/T`` sequential steps. Swept on CPU (H = 128, N = 64,
+      kernel forward + backward, T = 8…256): fastest T = 16 at L = 1024 (17.5 ms; 23 at 32),
+      64 at 4096 (34.6 ms; 44 at 32, 59 at 128), 128 at 16384 (81 ms; 94 at 64, 104 at 256).
+    - ``"gpu"`` / ``"tpu"`` (not measured on a device): ``2^⌈log₂L/2⌉``, so that ``T`` and
+      the ``L/T`` rows are both about ``√L``. There the rows come by doubling
+      (``method="doubling"``), so neither side is a loop: this balances the two doubling
+      depths (``log₂T`` and ``log₂(L/T)``) and keeps both factors at ``O(H·N·√L)`` memory.
     """
     check_positive_int("L", L)
+    if resolve_backend(backend) != "cpu":
+        return 1 << math.ceil(math.log2(L) / 2)
     if L > 8192:
         return 128
     if L > 2048:
@@ -383,27 +405,70 @@ def power_block(L: int) -> int:
     return 1 << max(0, math.ceil(math.log2(L) / 2 - 1))
 
 
-def dplr_power_kernel(Lambda, P, B, C, dt, L: int, *, block: int | None = None):
+def _rows_by_scan(C_r, power, q: int):
+    """``[C Ā^{iT}]_{i<q}`` ``(q, C, H, S)`` from ``C_r (C, H, S)`` and ``power = Ā^T``:
+    a ``lax.scan`` of ``q`` dense matrix-vector products."""
+
+    def advance(v, _):
+        return jnp.einsum("chs,hst->cht", v, power), v
+
+    return jax.lax.scan(advance, C_r, None, length=q)[1]
+
+
+def _rows_by_doubling(C_r, power, q: int):
+    """The same rows as :func:`_rows_by_scan` in ``⌈log₂q⌉`` unrolled steps, no loop.
+
+    Step ``k`` multiplies the ``m = 2^k`` rows found so far by ``Ā^{mT}`` (one batched
+    ``(m·C × S)·(S × S)`` matmul per feature) and appends them; ``Ā^{mT}`` comes from the
+    previous one by one dense squaring. Rows past ``q`` are never formed.
+    """
+    rows = C_r[None]
+    while rows.shape[0] < q:
+        m = rows.shape[0]
+        new = jnp.einsum("ichs,hst->icht", rows[: q - m], power)
+        rows = jnp.concatenate([rows, new], axis=0)
+        if rows.shape[0] < q:
+            power = power @ power
+    return rows
+
+
+def dplr_power_kernel(
+    Lambda, P, B, C, dt, L: int, *, block: int | None = None, method: str = "auto"
+):
     """The same kernel as :func:`dplr_ssm_kernel`, ``K_ℓ = C Ā^ℓ B̄``, in the time domain.
 
     With a block ``T`` (a power of two) and ``ℓ = iT + j``: ``K_ℓ = (C Ā^{iT})·(Ā^j B̄)``.
     The ``T`` columns ``Ā^j B̄`` come by doubling with ``Ā^k`` kept in the diagonal-plus-low-
     rank form ``G − XYᵀ`` (:func:`_doubling`), which also yields ``Ā^T``; the ``⌈L/T⌉`` rows
-    ``C Ā^{iT}`` come from a scan of dense ``N × N`` matrix-vector products; the kernel is one
-    batched ``(L/T × N)·(N × T)`` product per feature. No frequency grid, no ``C̃`` and no
-    near-pole at ``ω = 1`` (exact for FouT's zero eigenvalue), any ``L``; memory
-    ``O(H·(N·(T + L/T) + L))``. On CPU it is 3–7× faster than the Cauchy sums (forward and
-    backward; ``benchmarks/s4.py``), and in float32 as accurate (tests/test_cauchy.py).
+    ``C Ā^{iT}`` come by ``method``; the kernel is one batched ``(L/T × N)·(N × T)`` product
+    per feature. No frequency grid, no ``C̃`` and no near-pole at ``ω = 1`` (exact for
+    FouT's zero eigenvalue), any ``L``; memory ``O(H·(N·(T + L/T) + L))``. On CPU it is
+    3–7× faster than the Cauchy sums (forward and backward; ``benchmarks/s4.py``), and in
+    float32 as accurate (tests/test_cauchy.py).
+
+    Methods (:data:`POWER_METHODS`), the same function to rounding:
+
+    - ``"scan"``: a ``lax.scan`` of ``⌈L/T⌉`` dense ``N × N`` matrix-vector products (the
+      fastest on CPU, where a loop step is cheap).
+    - ``"doubling"``: ``⌈log₂(L/T)⌉`` unrolled batched matmuls that double the rows found so
+      far, with ``Ā^{2^k T}`` by squaring (:func:`_rows_by_doubling`): no loop at all, the
+      form for accelerators, where every loop step is a round of kernel launches.
+    - ``"auto"``: ``"scan"`` under the CPU rules, ``"doubling"`` under the GPU / TPU rules
+      (:func:`ssmix.auto_backend`, decided when traced).
 
     Args:
       Lambda, P, B, C, dt: as :func:`dplr_ssm_kernel` (``C`` the true output matrix).
       L: kernel length, any positive integer.
-      block: ``T``, a power of two (default :func:`power_block`).
+      block: ``T``, a power of two (default :func:`power_block` under the same rules).
+      method: one of :data:`POWER_METHODS`, how the rows ``C Ā^{iT}`` are formed.
 
     Returns:
       Real ``(H, L)``, or ``(C, H, L)`` when ``C`` has channels.
     """
     check_positive_int("L", L)
+    check_choice("method", method, POWER_METHODS)
+    if method == "auto":
+        method = "scan" if resolve_backend(None) == "cpu" else "doubling"
     if block is None:
         block = power_block(L)
     check_positive_int("block", block)
@@ -418,12 +483,10 @@ def dplr_power_kernel(Lambda, P, B, C, dt, L: int, *, block: int | None = None):
     C_r = _real_output(C)
     if q == 1:
         rows = C_r[None]
+    elif method == "scan":
+        rows = _rows_by_scan(C_r, power, q)
     else:
-
-        def advance(v, _):
-            return jnp.einsum("chs,hst->cht", v, power), v
-
-        _, rows = jax.lax.scan(advance, C_r, None, length=q)  # (q, C, H, S): C Ā^{iT}
+        rows = _rows_by_doubling(C_r, power, q)
     nch, H = C_r.shape[:2]
     K = jnp.einsum("qchs,jhs->chqj", rows, cols).reshape(nch, H, q * T)[..., :L]
     return K if has_channels else K[0]
@@ -451,12 +514,35 @@ def _woodbury(r_cb, r_cp, r_pb, r_pp, beta):
     return r_cb - beta * jnp.sum(r_cp * z, axis=-1)
 
 
-def dplr_ssm_kernel(Lambda, P, B, C, dt, L: int):
+def cauchy_block(L: int, H: int, N: int, itemsize: int = 8, backend: str | None = None) -> int:
+    """Frequencies per block of :func:`dplr_ssm_kernel`'s Cauchy sums under ``backend``'s rules.
+
+    ``N`` is the full state size, ``itemsize`` the bytes of one complex number, ``backend``
+    ``"cpu"``, ``"gpu"``, ``"tpu"`` or None for :func:`ssmix.auto_backend`. Each block forms
+    a complex ``(H, block, N)`` Cauchy matrix, and the blocks run as a loop.
+
+    - ``"cpu"``: 256 (memory ``O(H·N·256)``; 33 loop steps each way at L = 16384).
+    - ``"gpu"`` / ``"tpu"``: as few blocks as keep that matrix within 64 MiB, balanced (all
+      ``L//2 + 1`` frequencies at once when they fit; 5 blocks of 1639 at H = N = 64,
+      L = 16384, complex64), so the loop has a handful of large steps.
+    """
+    for name, value in (("L", L), ("H", H), ("N", N), ("itemsize", itemsize)):
+        check_positive_int(name, value)
+    if resolve_backend(backend) == "cpu":
+        return _FREQ_BLOCK
+    F = L // 2 + 1
+    nb = -(-F // max(1, _ACCEL_CAUCHY_BYTES // (H * N * itemsize)))
+    return -(-F // nb)
+
+
+def dplr_ssm_kernel(Lambda, P, B, C, dt, L: int, *, freq_block: int | None = None):
     """Convolution kernel of the bilinear DPLR system, ``K_ℓ = C Ā^ℓ B̄`` for ``ℓ < L``.
 
     Evaluates the generating function at the ``L//2 + 1`` non-negative roots of unity with
     Cauchy sums and a Woodbury correction (module docstring), then one inverse real FFT.
-    The Cauchy sums run over blocks of frequencies, so memory is ``O(H·(N + L))``.
+    The Cauchy sums run over blocks of frequencies (a loop over blocks, each rematerialised
+    in the backward pass; no loop when one block holds them all), so memory is
+    ``O(H·(N·block + L))``.
 
     Args:
       Lambda: complex ``(H, N/2)`` diagonal part (half of each conjugate pair).
@@ -465,11 +551,14 @@ def dplr_ssm_kernel(Lambda, P, B, C, dt, L: int):
       C: complex ``(H, N/2)`` or ``(C, H, N/2)``, the true output matrix (``C̃`` is internal).
       dt: real ``(H,)`` step sizes.
       L: kernel length, any positive integer.
+      freq_block: frequencies per block (default :func:`cauchy_block`, by backend).
 
     Returns:
       Real ``(H, L)``, or ``(C, H, L)`` when ``C`` has channels.
     """
     check_positive_int("L", L)
+    if freq_block is not None:
+        check_positive_int("freq_block", freq_block)
     has_channels = C.ndim == 3
     Lambda, P, B, dt, C = _prepare(Lambda, P, B, dt, C)
     nch, H, N2 = C.shape
@@ -497,8 +586,10 @@ def dplr_ssm_kernel(Lambda, P, B, C, dt, L: int):
     poles = jnp.concatenate([Lambda, jnp.conj(Lambda)], axis=1)  # (H, N)
 
     F = L // 2 + 1
-    nb = -(-F // _FREQ_BLOCK)
-    Fb = min(F, _FREQ_BLOCK)
+    if freq_block is None:
+        freq_block = cauchy_block(L, H, 2 * N2, jnp.dtype(Lambda.dtype).itemsize)
+    nb = -(-F // freq_block)
+    Fb = min(F, freq_block)
     k = np.arange(nb * Fb)
     omega = jnp.asarray(np.exp(-2j * np.pi * k / L), Lambda.dtype).reshape(nb, Fb)
     two_dt = (2 / dt).astype(Lambda.dtype)
@@ -510,7 +601,7 @@ def dplr_ssm_kernel(Lambda, P, B, C, dt, L: int):
         R = 1 / (alpha - (1 + om)[None, :, None] * poles[:, None, :])
         return jnp.einsum("hkn,hnm->hkm", R, weights)
 
-    sums = jax.lax.map(block, omega)  # (nb, H, Fb, m)
+    sums = jax.lax.map(block, omega) if nb > 1 else block(omega[0])[None]  # (nb, H, Fb, m)
     sums = jnp.moveaxis(sums, 0, 1).reshape(H, nb * Fb, -1)[:, :F]
     beta = jnp.asarray(1 + np.exp(-2j * np.pi * np.arange(F) / L), Lambda.dtype)
     i = 0

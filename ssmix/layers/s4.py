@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssmix import hippo
+from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_even, check_ndim, check_positive_int
 from ssmix.kernels.cauchy import (
     _to_real,
@@ -53,12 +54,13 @@ from ssmix.kernels.vandermonde import (
 )
 from ssmix.layers.base import SSMParam, as_complex, complex_param
 
-__all__ = ["MODES", "LTISSM", "S4", "S4_INITS", "S4_KERNELS", "auto_mode"]
+__all__ = ["MODES", "LTISSM", "S4", "S4_INITS", "S4_KERNELS", "auto_kernel", "auto_mode"]
 
 #: Execution modes of the S4 / S4D layers.
 MODES = ("auto", "fft", "chunked", "scan", "materialized")
 
-#: How an S4 layer forms its convolution kernel (``kernel=``): ``"auto"`` picks ``"powers"``.
+#: How an S4 layer forms its convolution kernel (``kernel=``): ``"auto"`` picks by
+#: :func:`auto_kernel` (``"powers"`` on every backend).
 S4_KERNELS = ("auto", "powers", "cauchy")
 
 #: HiPPO measures an S4 layer can start from (``init=``).
@@ -72,20 +74,43 @@ _MAX_REAL = -1e-4
 _SCAN_BLOCK = 128
 
 
-def auto_mode(L: int, layer: str = "s4d") -> str:
-    """The mode ``mode="auto"`` runs for length ``L`` and ``layer`` (``"s4d"`` or ``"s4"``).
+def auto_mode(L: int, layer: str = "s4d", backend: str | None = None) -> str:
+    """The mode ``mode="auto"`` runs for length ``L``, ``layer`` (``"s4d"`` or ``"s4"``)
+    and ``backend`` (``"cpu"``, ``"gpu"``, ``"tpu"``, or None for :func:`ssmix.auto_backend`).
 
-    Measured on CPU with ``benchmarks/s4.py`` (forward + backward, B = 16, H = 128, N = 64):
-    the FFT path is the fastest at every length measured (1k–16k) for both layers — in two
-    runs, for S4D 1.3–1.6× the chunked one at 1k and 1.8–2.1× at 4k, for S4 (blocked-powers
-    kernel) 2.5–3.0× at 1k, 2.3× at 4k and 2.1–2.5× at 16k — so the rule is ``"fft"``
-    everywhere. ``layer`` is kept so
-    that a backend with a different balance (an accelerator, where the chunked matmuls may
-    win) can get its own rule.
+    - ``"cpu"``: ``"fft"``. Measured with ``benchmarks/s4.py`` (forward + backward, B = 16,
+      H = 128, N = 64): the FFT path is the fastest at every length measured (1k–16k) for
+      both layers — in two runs, for S4D 1.3–1.6× the chunked one at 1k and 1.8–2.1× at 4k,
+      for S4 (blocked-powers kernel) 2.5–3.0× at 1k, 2.3× at 4k and 2.1–2.5× at 16k.
+    - ``"gpu"`` / ``"tpu"``: ``"fft"`` too (not measured on a device). It is the one mode
+      without a loop over the sequence: the kernel (S4D's Vandermonde product; S4's powers
+      with rows by doubling, :func:`auto_kernel`) and the FFT convolution are unrolled
+      batched operations, 0 sequential loop steps forward + backward, whereas the chunked
+      mode passes a state across ``L/chunk`` chunks and the scan mode steps through ``L``.
+
+    ``layer`` is kept so that a backend with a different balance can get its own rule.
     """
     check_positive_int("L", L)
     check_choice("layer", layer, ("s4d", "s4"))
+    resolve_backend(backend)  # checks the name: every backend has the same rule today
     return "fft"
+
+
+def auto_kernel(L: int, backend: str | None = None) -> str:
+    """The kernel ``S4(kernel="auto")`` forms for length ``L`` under ``backend``'s rules
+    (``"cpu"``, ``"gpu"``, ``"tpu"``, or None for :func:`ssmix.auto_backend`).
+
+    ``"powers"`` on every backend (:func:`~ssmix.kernels.cauchy.dplr_power_kernel`, whose
+    own ``method="auto"`` follows the same backend). On CPU it is 3–7× faster than the Cauchy
+    sums at L = 1k–16k (forward + backward, ``benchmarks/s4.py``) and as accurate in float32.
+    On GPU / TPU (not measured on a device) its rows come by doubling, so it has no loop at
+    all and ``O(H·N·√L)`` memory, while the Cauchy sums form complex ``(H, block, N)``
+    matrices over ``L/2`` frequencies in a loop of 64 MiB blocks (10 steps forward +
+    backward at H = N = 64, L = 16384).
+    """
+    check_positive_int("L", L)
+    resolve_backend(backend)  # checks the name: every backend has the same rule today
+    return "powers"
 
 
 def _toeplitz(k, lag_offset: int):
@@ -444,8 +469,10 @@ class S4(LTISSM):
     (:func:`~ssmix.kernels.cauchy.dplr_ssm_kernel`, ``C̃`` formed per call from ``Ā^L`` by
     repeated squaring), or ``kernel="powers"``, the time-domain blocked powers of ``Ā`` kept
     in diagonal-plus-low-rank form (:func:`~ssmix.kernels.cauchy.dplr_power_kernel`).
-    ``"auto"`` (default) is ``"powers"``: on CPU it is 3–7× faster than the Cauchy sums at
-    L = 1k–16k (forward + backward, ``benchmarks/s4.py``) and as accurate in float32.
+    ``"auto"`` (default) picks by :func:`auto_kernel`: ``"powers"`` on every backend (on
+    CPU 3–7× faster than the Cauchy sums at L = 1k–16k, forward + backward,
+    ``benchmarks/s4.py``, and as accurate in float32; under the GPU / TPU rules its rows
+    come by doubling, with no loop).
 
     Args:
       d_model: H, features.
@@ -530,7 +557,8 @@ class S4(LTISSM):
         return lam, P, B, dt
 
     def _kernel(self, sys, C, L):
-        fn = dplr_ssm_kernel if self.kernel == "cauchy" else dplr_power_kernel
+        kernel = auto_kernel(L) if self.kernel == "auto" else self.kernel
+        fn = dplr_ssm_kernel if kernel == "cauchy" else dplr_power_kernel
         return fn(*sys[:3], C, sys[3], L)
 
     def _chunk_ops(self, sys, C, T, strict):
