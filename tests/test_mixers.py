@@ -111,15 +111,12 @@ def layer_grad(layers, backend):
     return jax.grad(loss, argnums=(0, 1)), tuple(nnx.split(m)[1] for m in layers)
 
 
-ACCELERATOR_CHECKED = ("toeplitz", "vandermonde", "cauchy", "low_rank", "attention")
-
-
 def test_accelerator_rules_bound_loops_and_memory():
     # Forward + backward at B = 2, L = 16384, d_model = 64 (traced only, nothing runs): under
     # the GPU rules at most 64 sequential loop iterations and no array over 256 MiB.
     L = 16384
     x = jax.ShapeDtypeStruct((2, L, 64), jnp.float32)
-    for kind in ACCELERATOR_CHECKED:
+    for kind in (k for k in KINDS if k not in DATA_INDEPENDENT_ONLY):
         grad, states = layer_grad([MatrixMixer(64, kind, max_len=L, rngs=nnx.Rngs(0))], "gpu")
         stats = trace_stats(grad, states, x)
         assert stats.loop_iterations <= 64, (kind, stats.loops)
@@ -253,6 +250,14 @@ def test_matrix_mixer_rejects_bad_configuration_and_inputs():
         mixer("dense", True)
     with pytest.raises(ValueError, match="mode must be one of"):
         mixer("toeplitz", True, mode="chunked")
+    with pytest.raises(ValueError, match="ssd_method must be one of"):
+        mixer("semiseparable", True, ssd_method="scan")
+    with pytest.raises(ValueError, match="ssd_method applies to the kinds"):
+        mixer("attention", True, ssd_method="parallel")
+    with pytest.raises(ValueError, match="block_size applies to the kinds"):
+        mixer("low_rank", True, block_size=4)
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        mixer("cauchy", True, block_size=0)
     with pytest.raises(ValueError, match="max_len must be a positive integer"):
         mixer("toeplitz", False, max_len=0)
     with pytest.raises(ValueError, match="divisible by headdim"):

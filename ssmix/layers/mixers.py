@@ -19,8 +19,8 @@ vandermonde        ``Σ_d cos(2π q_td s / max_len) − cos(2π k_sd t / max_len
 cauchy             ``Σ_d 1 / (q_td + k_sd)`` with ``q, k > 0``               O(L²d)      both
 low_rank           ``q_t · k_s`` (no softmax)                                Q(KᵀV)      both
 attention          ``softmax_s(q_t · k_s / √d)`` over valid keys              O(L²d)      both
-semiseparable      SSD (causal): ``C_t·B_s·exp(A·Σ_{s<r≤t} dt_r)·dt_s``       chunked     both
-quasiseparable     Hydra's QS with ``B, C`` shared by both directions         chunked     both
+semiseparable      SSD (causal): ``C_t·B_s·exp(A·Σ_{s<r≤t} dt_r)·dt_s``       SSD         both
+quasiseparable     Hydra's QS with ``B, C`` shared by both directions         SSD         both
 =================  ========================================================  ==========  =====
 
 (scale factors omitted). **Data-dependent** (DD) kinds build ``q, k`` (or ``B, C, dt``, or the
@@ -53,6 +53,7 @@ from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int
 from ssmix.kernels.attention import softmax_attention
 from ssmix.kernels.fftconv import fft_conv_bidirectional
+from ssmix.kernels.ssd import METHODS as SSD_METHODS
 from ssmix.kernels.ssd import quasiseparable, quasiseparable_matrix, ssd, ssd_matrix
 from ssmix.layers.base import SSMParam
 
@@ -435,6 +436,21 @@ class MatrixMixer(GatedConvWrapper):
     ``(B, L, d_model) -> (B, L, d_model)``; see the module docstring for the kinds, what
     data-dependent means, and padding.
 
+    The fast form follows the backend rules of :func:`ssmix.auto_backend`, decided when the
+    layer is traced:
+
+    - ``"cpu"``: vandermonde, cauchy and attention build the ``(B, Hh, L, L)`` matrix and
+      multiply (today's measured form); the short convolution loops over the batch
+      (:func:`depthwise_conv_same`); the SSD kinds run the ``"chunked"`` kernel with chunks
+      of 64.
+    - ``"gpu"``, ``"tpu"``: vandermonde and cauchy are built and applied ``T`` query rows at a
+      time, attention runs the blocked softmax kernel over blocks of ``T`` keys, with ``T``
+      from :func:`auto_block_size` (one ``(B, Hh, T, L)`` tile within 256 MiB: ``T = 1024``
+      at B = 2, two heads, L = 16384, float32, so 16 tiles forward and 16 backward); the short
+      convolution runs over the whole batch without a loop; the SSD kinds run the loop-free
+      ``"parallel"`` kernel with chunks of 128. Toeplitz (FFT), low-rank and dense are the
+      same on every backend.
+
     Args:
       d_model: model width.
       kind: one of :data:`KINDS`.
@@ -446,9 +462,18 @@ class MatrixMixer(GatedConvWrapper):
       expand: ``d_inner = expand·d_model``.
       headdim: channels per head (``Hh = d_inner / headdim``).
       d_conv: taps of the short convolution.
-      chunk_size: chunk length of the SSD kinds' chunked kernel.
+      chunk_size: chunk length of the SSD kinds' chunked and parallel kernels; None (default):
+        the backend's (:func:`~ssmix.kernels.ssd.default_chunk_size`: 64 on CPU, 128 on GPU
+        and TPU).
       mode: ``"fast"`` (the structured product of the table) or ``"materialized"`` (build
         ``M`` and multiply; the oracle the fast form is tested against).
+      ssd_method: the SSD kernel method of the semi- and quasiseparable kinds' fast form, one
+        of :data:`ssmix.kernels.ssd.METHODS`: ``"auto"`` (default: ``"chunked"`` on CPU,
+        ``"parallel"`` on GPU / TPU, :func:`~ssmix.kernels.ssd.auto_method`) or a fixed one.
+        Other kinds accept only ``"auto"``.
+      block_size: rows per tile (vandermonde, cauchy) or keys per block (attention) of the
+        bounded-memory fast form, on every backend; None (default): the backend rule above.
+        Other kinds accept only None.
       use_bias, conv_bias: biases of the projections and of the convolution.
       rngs: ``nnx.Rngs``.
     """
@@ -466,8 +491,9 @@ class MatrixMixer(GatedConvWrapper):
         expand: int = 2,
         headdim: int = 64,
         d_conv: int = 7,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         mode: str = "fast",
+        ssd_method: str = "auto",
         block_size: int | None = None,
         use_bias: bool = False,
         conv_bias: bool = True,
@@ -478,7 +504,16 @@ class MatrixMixer(GatedConvWrapper):
         check_positive_int("d_model", d_model)
         self.max_len = check_positive_int("max_len", max_len)
         self.qk_dim = check_positive_int("qk_dim", qk_dim)
-        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size)
+        self.chunk_size = chunk_size
+        check_choice("ssd_method", ssd_method, SSD_METHODS)
+        if ssd_method != "auto" and kind not in ("semiseparable", "quasiseparable"):
+            raise ValueError(
+                f"ssd_method applies to the kinds 'semiseparable', 'quasiseparable' only; "
+                f"got ssd_method={ssd_method!r} for kind {kind!r}"
+            )
+        self.ssd_method = ssd_method
         if block_size is not None:
             check_positive_int("block_size", block_size)
             if kind not in TILED_KINDS:
@@ -665,14 +700,20 @@ class MatrixMixer(GatedConvWrapper):
             return scale * jnp.einsum("bthd,bhdp->bthp", jnp.broadcast_to(q, (b, *q.shape[1:])), kv)
         if kind == "semiseparable":
             y, _ = ssd(
-                v, feats["dt"], feats["A"], feats["k"], feats["q"], chunk_size=self.chunk_size
+                v,
+                feats["dt"],
+                feats["A"],
+                feats["k"],
+                feats["q"],
+                chunk_size=self.chunk_size,
+                method=self.ssd_method,
             )
             return y
         if kind == "quasiseparable":
             dt, q, k = feats["dt"], feats["q"], feats["k"]
             zero = jnp.zeros((b, L, H), dt.dtype)
             args = (v, dt[..., :H], dt[..., H:], feats["A"], k, q, k, q, zero)
-            return quasiseparable(*args, chunk_size=self.chunk_size)
+            return quasiseparable(*args, chunk_size=self.chunk_size, method=self.ssd_method)
         if kind in TILED_KINDS:
             block = self._tile_size(feats["q"], v)
             if block is not None:
