@@ -10,16 +10,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ssmix
+from ssmix.kernels.attention import _common as attention_common
 from ssmix.kernels.attention import (
     kao,
     kao_mixing_matrix,
     softmax_attention,
     softmax_attention_weights,
+    softmax_block_size,
     tensor_attention,
     tensor_attention_error_bound,
     tensor_attention_weights,
 )
-from ssmix.testing import assert_close, check_equivalent
+from ssmix.kernels.attention import softmax as attention_softmax
+from ssmix.testing import assert_close, check_equivalent, trace_stats
 
 
 def _normal(seed, shape, dtype=jnp.float64, scale=1.0):
@@ -458,3 +462,82 @@ def test_tensor_errors():
         tensor_attention(q, q, q, v, v, mask=jnp.ones((1, 5), jnp.int32))
     with pytest.raises(ValueError, match="scale"):
         tensor_attention(q, q, q, v, v, scale=float("nan"))
+
+
+# ----------------------------------------------------------------------------- accelerator rules
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """A 1 KiB tile budget and 2-key softmax blocks: the accelerator rules' blocked, chunked
+    and query-blocked forms at test sizes (at the default budget small inputs take one step)."""
+    monkeypatch.setattr(attention_common, "ACCEL_TILE_BYTES", 1024)
+    monkeypatch.setattr(attention_softmax, "_MIN_ACCEL_BLOCK", 2)
+
+
+def test_softmax_block_size_rule():
+    target = (2, 1, 16384, 16384)  # B, heads, Lq, Lk of benchmarks/accelerator.py
+    assert softmax_block_size(*target, backend="cpu") is None
+    for backend in ("gpu", "tpu"):
+        assert softmax_block_size(*target, backend=backend) == 2048  # (2, 1, L, 2048) f32
+        assert softmax_block_size(*target, dtype=jnp.float64, backend=backend) == 1024
+        assert softmax_block_size(2, 1, 4096, 4096, backend=backend) is None  # fits: dense
+        assert softmax_block_size(64, 16, 16384, 16384, backend=backend) == 128  # the floor
+    with ssmix.auto_backend("tpu"):
+        assert softmax_block_size(*target) == 2048
+
+
+def _train_stats(fn, *shapes):
+    """trace_stats of fn's forward + gradient w.r.t. every input, at float32 input shapes."""
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    loss = lambda *a: jnp.sum(fn(*a))
+    return trace_stats(jax.grad(loss, argnums=tuple(range(len(args)))), *args)
+
+
+def test_accelerator_rules_bound_loops_and_memory_at_long_length():
+    """B = 2, L = 16384 (TensorAttention: 8 heads of 8 folded into the batch), traced only."""
+    n, mib = 16384, 2**20
+    with ssmix.auto_backend("gpu"):
+        block = softmax_block_size(2, 1, n, n)
+        stats = _train_stats(partial(softmax_attention, block_size=block), *[(2, 1, n, 64)] * 3)
+        assert stats.loop_iterations == 2 * n // block <= 64, stats
+        assert stats.largest_bytes <= 256 * mib, stats
+        shapes = [(16, n, 8)] * 5
+        for method, kw, max_loops in [
+            ("blocked", {}, 4 * 528384),  # ≥ 2·B·n³·4 B / 256 MiB steps to stay in budget
+            ("simplicial", {"causal": True, "w1": 64, "w2": 64}, 100),
+            ("approx", {}, 8),  # 2 chunks; without remat their features stack to 495 MiB
+        ]:
+            stats = _train_stats(partial(tensor_attention, method=method, **kw), *shapes)
+            assert stats.largest_bytes <= 256 * mib, (method, stats)
+            assert stats.loop_iterations <= max_loops, (method, stats)
+
+
+def _traced_under(backend, fn):
+    """``fn`` jitted so that it is traced under ``auto_backend(backend)``."""
+
+    def under(*args):
+        with ssmix.auto_backend(backend):
+            return fn(*args)
+
+    return jax.jit(under)
+
+
+def test_tensor_accelerator_forms_match(x64, small_tiles):
+    """Under the GPU rules with 1 KiB tiles (n = 11: a prime, no multiple of any block):
+    causal approx in rematerialised chunks of 2 == approx in one chunk as on CPU (same degree:
+    only chunking and remat differ); simplicial in query blocks of 4 == naive."""
+    n = 11
+    args = _tensor_inputs(n, d=3, dv=2, bound=0.3)
+    mask = _lengths_mask([8, n], n)
+    approx = partial(tensor_attention, method="approx", causal=True, mask=mask, degree=2)
+    impls = {"cpu approx": _traced_under("cpu", approx), "gpu approx": _traced_under("gpu", approx)}
+    check_equivalent(impls, *args)
+    win = {"causal": True, "mask": mask, "w1": 3, "w2": 4}
+    impls = {
+        "naive": jax.jit(partial(tensor_attention, method="naive", **win)),
+        "gpu simplicial": _traced_under(
+            "gpu", partial(tensor_attention, method="simplicial", block_size=2, **win)
+        ),
+    }
+    check_equivalent(impls, *args)

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import ssmix
+from ssmix.kernels.attention import _common as attention_common
+from ssmix.kernels.attention import softmax as attention_softmax
 from ssmix.layers import Attention, KroneckerAttention, TensorAttention
 from ssmix.testing import assert_close, check_equivalent
 
@@ -52,6 +55,60 @@ def test_attention_forms_agree():
     impls = {k: jax.jit(f) for k, f in impls.items()}
     check_equivalent(impls, _x(), grads=False)
     _assert_padding_has_no_influence(impls["blocked"], _x())
+
+
+@pytest.fixture
+def tiny_tiles(monkeypatch):
+    """A 16-byte tile budget and 3-key blocks: the accelerator rules pick the blocked softmax
+    (and the query-blocked / chunked tensor forms) at test sizes."""
+    monkeypatch.setattr(attention_common, "ACCEL_TILE_BYTES", 16)
+    monkeypatch.setattr(attention_softmax, "_MIN_ACCEL_BLOCK", 3)
+
+
+def _train_fn(make, backend):
+    """``(state, x, mask) -> layer(x, mask)`` of a fresh layer, jitted and traced under the
+    ``backend`` rules (a fresh jit per backend: a cached trace would keep the other's forms)."""
+    graphdef, state = nnx.split(make())
+
+    def run(state, x, mask):
+        with ssmix.auto_backend(backend):
+            return nnx.merge(graphdef, state)(x, mask)
+
+    return jax.jit(run), state
+
+
+@pytest.mark.parametrize("n, causal, masked", [(1, False, False), (7, True, True)])
+def test_attention_accelerator_rule_matches_dense(x64, tiny_tiles, n, causal, masked):
+    """GPU rules (here blocks of 3 keys; 7 is a prime, no multiple of 3) == CPU rules (the
+    materialized weights): outputs and gradients w.r.t. parameters and input."""
+    make = lambda: Attention(F, num_heads=HEADS, causal=causal, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (B, n, F), jnp.float64)
+    mask = jnp.asarray(np.arange(n)[None, :] < np.array([[max(n - 4, 1)], [n]])) if masked else None
+    dense, state = _train_fn(make, "cpu")
+    blocked, _ = _train_fn(make, "gpu")
+    assert "scan" not in str(jax.make_jaxpr(dense)(state, x, mask))
+    assert "scan" in str(jax.make_jaxpr(blocked)(state, x, mask))
+    check_equivalent({"cpu rules": dense, "gpu rules": blocked}, state, x, mask)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_forms_lower(tiny_tiles, platform):
+    """Forward + backward of the accelerator forms (blocked softmax, query-blocked
+    simplicial, rematerialised approx) lower for CUDA and TPU from this CPU host."""
+    makes = [
+        lambda: Attention(F, num_heads=HEADS, causal=True, rngs=nnx.Rngs(0)),
+        lambda: TensorAttention(F, num_heads=HEADS, method="simplicial", w1=3, rngs=nnx.Rngs(0)),
+        lambda: TensorAttention(F, num_heads=HEADS, method="approx", rngs=nnx.Rngs(0)),
+    ]
+    backend = "tpu" if platform == "tpu" else "gpu"
+    x = jax.ShapeDtypeStruct((B, 11, F), jnp.float32)
+    for make in makes:
+        with ssmix.auto_backend(backend):
+            graphdef, state = nnx.split(make())
+            loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x) ** 2)  # noqa: B023
+            traced = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(state, x)
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        assert "func.func public @main" in text and "while" in text
 
 
 @pytest.mark.parametrize("variant, grid", [("kv", (3, 4)), ("qkv", (2, 2, 3))])

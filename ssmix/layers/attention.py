@@ -23,6 +23,7 @@ from ssmix.kernels.attention import (
     kao_mixing_matrix,
     softmax_attention,
     softmax_attention_weights,
+    softmax_block_size,
     tensor_attention,
     tensor_attention_weights,
 )
@@ -85,8 +86,14 @@ class Attention(_Projected):
       features: model width.
       num_heads: number of heads; ``head_dim`` defaults to ``features // num_heads``.
       causal: position t attends to positions s ≤ t.
-      block_size: None materializes the L × L weights per head; an integer uses the blocked
-        online-softmax kernel (O(L·(head_dim + block_size)) memory, same result).
+      block_size: an integer uses the blocked online-softmax kernel over key blocks of that
+        size (O(L·(head_dim + block_size)) memory, same result). None (default) follows the
+        backend's rule, :func:`~ssmix.kernels.attention.softmax_block_size`, decided when the
+        call is traced: on CPU the L × L weights per head are materialized (the CPU default,
+        as before); on GPU/TPU they are too while the ``(B, heads, L, L)`` scores fit in
+        256 MiB, and beyond that the blocked kernel runs with the largest block whose
+        ``(B, heads, L, block)`` tile fits (B = 2, L = 16384: block 2048, 16 loop steps
+        forward + backward, instead of 2 GiB of scores).
       use_bias: biases in the projections.
       rngs: ``nnx.Rngs`` for the initialisation.
 
@@ -117,7 +124,11 @@ class Attention(_Projected):
         """``x (B, L, features)``, ``mask (B, L)`` bool or None -> ``(B, L, features)``."""
         _check_input(x, self.features, mask)
         q, k, v = self._qkv(x)
-        y = softmax_attention(q, k, v, causal=self.causal, mask=mask, block_size=self.block_size)
+        block_size = self.block_size
+        if block_size is None:
+            b, h, n, _ = q.shape
+            block_size = softmax_block_size(b, h, n, n, dtype=jnp.result_type(q, jnp.float32))
+        y = softmax_attention(q, k, v, causal=self.causal, mask=mask, block_size=block_size)
         return self._output(jnp.swapaxes(y, 1, 2))
 
     def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:

@@ -5,7 +5,9 @@ reference beside it:
 
 - :mod:`~ssmix.kernels.attention.softmax`: :func:`softmax_attention`, the materialized
   reference (``block_size=None``) and a blocked online-softmax form whose forward and backward
-  passes keep memory O(L·(d + block_size)) beyond the inputs; :func:`softmax_attention_weights`.
+  passes keep memory O(L·(d + block_size)) beyond the inputs; :func:`softmax_attention_weights`;
+  :func:`softmax_block_size`, the per-backend default block (dense on CPU, blocked at long
+  lengths on GPU/TPU).
 - :mod:`~ssmix.kernels.attention.kronecker`: :func:`kao`, Kronecker attention on 2-D
   ``(B, h, w, c)`` and 3-D ``(B, t, h, w, c)`` grids; :func:`kao_mixing_matrix` builds the same
   operator as an explicit ``N × N`` matrix.
@@ -23,7 +25,11 @@ computed in float32 and the result is cast back to the input dtype.
 """
 
 from ssmix.kernels.attention.kronecker import KAO_VARIANTS, kao, kao_mixing_matrix
-from ssmix.kernels.attention.softmax import softmax_attention, softmax_attention_weights
+from ssmix.kernels.attention.softmax import (
+    softmax_attention,
+    softmax_attention_weights,
+    softmax_block_size,
+)
 from ssmix.kernels.attention.tensor import (
     TENSOR_METHODS,
     tensor_attention,
@@ -34,6 +40,7 @@ from ssmix.kernels.attention.tensor import (
 __all__ = [
     "softmax_attention",
     "softmax_attention_weights",
+    "softmax_block_size",
     "kao",
     "kao_mixing_matrix",
     "tensor_attention",

@@ -1,5 +1,5 @@
 """Helpers shared by the attention kernels: dtype and input checks, masked softmax pieces,
-the online-softmax step and block reshaping.
+the online-softmax step, block reshaping and the accelerator rules' tile budget.
 
 Private to :mod:`ssmix.kernels.attention`; the public functions live in its modules.
 """
@@ -11,6 +11,22 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+#: Largest per-step array the accelerator rules give a blocked kernel (the memory target of
+#: ``benchmarks/accelerator.py``). Under ``auto_backend("gpu" | "tpu")`` the default blocks
+#: are the largest whose per-step tiles fit in it: the fewest loop steps that memory allows.
+ACCEL_TILE_BYTES = 256 * 2**20
+
+
+def tile_fits(nbytes: int) -> bool:
+    """Whether one array of ``nbytes`` fits in :data:`ACCEL_TILE_BYTES`."""
+    return nbytes <= ACCEL_TILE_BYTES
+
+
+def tile_fit(per_unit_bytes: int) -> int:
+    """How many units of ``per_unit_bytes`` fit in :data:`ACCEL_TILE_BYTES`: a power of two ≥ 1."""
+    units = ACCEL_TILE_BYTES // max(per_unit_bytes, 1)
+    return 1 << max(units.bit_length() - 1, 0)
 
 
 def compute_dtype(*xs: jax.Array) -> jnp.dtype:

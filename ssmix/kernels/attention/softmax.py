@@ -4,6 +4,13 @@
 reference); with an integer it runs the blocked form, whose forward and backward passes keep
 memory O(L·(d + block_size)) beyond the inputs (a hand-written backward recomputes each score
 block, flash-attention style). :func:`softmax_attention_weights` returns the weights.
+:func:`softmax_block_size` is the per-backend default block the layers use.
+
+Why not ``jax.nn.dot_product_attention`` under the accelerator rules (jax 0.10): its ``"xla"``
+implementation materializes the ``Lq × Lk`` logits, and its ``"cudnn"`` one cannot be traced
+on a host without cuDNN ("cuDNN is not detected"), so neither the accelerator forms nor their
+CUDA/TPU lowering could be checked from a CPU host; it also takes key padding only as
+right-aligned lengths (this kernel takes any boolean key mask) and has no float64.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from ssmix._backend import resolve_backend
 from ssmix._checks import check_ndim, check_positive_int
 from ssmix.kernels.attention._common import (
     blocks,
@@ -25,10 +33,17 @@ from ssmix.kernels.attention._common import (
     normalise,
     online_update,
     softmax_parts,
+    tile_fit,
+    tile_fits,
     unblock,
 )
 
-__all__ = ["softmax_attention", "softmax_attention_weights"]
+__all__ = ["softmax_attention", "softmax_attention_weights", "softmax_block_size"]
+
+# Fewest keys per step of the blocked form under the accelerator rules: below this a step's
+# matmuls are too thin to be worth a round of kernel launches, and the (B, H, Lq, 128) tile
+# is then only 128/d times the size of q itself.
+_MIN_ACCEL_BLOCK = 128
 
 
 def _validate_softmax(q, k, v, causal, mask):
@@ -82,6 +97,37 @@ def softmax_attention_weights(
     s = jnp.einsum("bhqd,bhkd->bhqk", q.astype(dtype) * scale, k.astype(dtype))
     w = masked_softmax(s, _softmax_valid(q.shape[2], k.shape[2], causal, mask))
     return w.astype(jnp.result_type(q, k))
+
+
+def softmax_block_size(
+    batch: int,
+    heads: int,
+    lq: int,
+    lk: int,
+    *,
+    dtype=jnp.float32,
+    backend: str | None = None,
+) -> int | None:
+    """The ``block_size`` the layers pass to :func:`softmax_attention` by default, per backend.
+
+    ``batch``, ``heads``, ``lq``, ``lk`` are the shapes of ``q (B, H, Lq, d)`` and
+    ``k (B, H, Lk, d)``; ``dtype`` the compute dtype (float32 for bfloat16 inputs); ``backend``
+    defaults to :func:`ssmix.auto_backend`. Returns None (materialized weights) or an int:
+
+    - ``"cpu"``: None at every length (the materialized form: the CPU default, unchanged).
+    - ``"gpu"``, ``"tpu"``: None while the ``(B, H, Lq, Lk)`` scores fit in 256 MiB (one
+      batched matmul and no loop); beyond, the largest power of two (at least 128) whose
+      ``(B, H, Lq, block)`` score tile fits in 256 MiB. Forward and backward then run
+      ``2·⌈Lk / block⌉`` loop steps; at B = 2, one head, L = 16384 in float32 that is
+      block 2048 and 16 steps, never materialising the 2 GiB ``L × L`` scores.
+    """
+    backend = resolve_backend(backend)
+    if backend == "cpu":
+        return None
+    row_bytes = batch * heads * lq * jnp.dtype(dtype).itemsize
+    if tile_fits(row_bytes * lk):
+        return None
+    return max(tile_fit(row_bytes), _MIN_ACCEL_BLOCK)
 
 
 def softmax_attention(

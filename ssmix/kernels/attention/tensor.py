@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int
 from ssmix.kernels.attention._common import (
     blocks,
@@ -29,6 +30,7 @@ from ssmix.kernels.attention._common import (
     normalise,
     online_update,
     softmax_parts,
+    tile_fit,
     unblock,
 )
 
@@ -41,9 +43,10 @@ __all__ = [
 
 TENSOR_METHODS = ("naive", "blocked", "simplicial", "approx")
 
-# Default blocks of the tensor-attention kernels: 8 × 128 key pairs per online-softmax step of
-# "blocked", 64 offsets of the k2 window per step of "simplicial", 256 positions per chunk of
-# "approx" (benchmarks/attention.py).
+# Default blocks of the tensor-attention kernels under the CPU rules: 8 × 128 key pairs per
+# online-softmax step of "blocked", 64 offsets of the k2 window per step of "simplicial", 256
+# positions per chunk of "approx" (benchmarks/attention.py). The accelerator rules size them
+# from the tile budget instead (see tensor_attention).
 _DEFAULT_PAIR_BLOCK = (8, 128)
 _DEFAULT_WINDOW_BLOCK = 64
 _DEFAULT_APPROX_CHUNK = 256
@@ -176,6 +179,17 @@ def tensor_attention(
     (ε < 1). The normaliser stays positive because ``T_p(x) > 0`` for every real x when p is
     even, which is why odd degrees are rejected. For d = 8, entries in [−½, ½] and the default
     p = 4, ε ≤ 7e-5. Large entries (R ≳ 2) break the approximation: bound them first.
+
+    Defaults per backend (:func:`ssmix.auto_backend`, decided when the call is traced). CPU:
+    the measured blocks above, unchanged. GPU/TPU: no per-step array over 256 MiB, with as
+    few loop steps as that allows. ``"blocked"`` with ``block_size=None`` takes bj = 128 and
+    the bi that fills a ``(B, n, bi, bj)`` score tile of 256 MiB (so bi·bj·B·n ≤ 64 Mi
+    entries: the scores of B·n³ pairs need that many steps at least). ``"simplicial"`` also
+    walks the queries in blocks whose gathered windows and ``(B, ·, w1, block)`` scores fit,
+    recomputing each block's windows in the backward pass. ``"approx"`` takes the longest
+    chunk whose ``(B, D, chunk)`` features (causal: ``(B, dv, D, chunk)`` prefix sums) fit,
+    and recomputes each chunk's features in the backward pass (``jax.checkpoint``) instead
+    of keeping them for every chunk.
     """
     check_choice("method", method, TENSOR_METHODS)
     _validate_tensor(q, k1, k2, v1, v2, mask)
@@ -186,11 +200,14 @@ def tensor_attention(
     scale = default_scale(scale, d)
     q, k1, k2, v1, v2 = (x.astype(dtype) for x in (q, k1, k2, v1, v2))
     kmask = jnp.ones((1, n), bool) if mask is None else mask
+    # Accelerator rules (see the docstring); the CPU rules keep the measured defaults.
+    accel = resolve_backend(None) != "cpu"
+    itemsize = jnp.dtype(dtype).itemsize
 
     if method == "naive":
         out = _tensor_naive(q * scale, k1, k2, v1, v2, kmask, causal, w1, w2)
     elif method == "blocked":
-        bi, bj = _pair_block(block_size)
+        bi, bj = _pair_block(block_size, b * n * itemsize if accel else None)
         out = _tensor_blocked(
             q * scale, k1, k2, v1, v2, kmask, causal, w1, w2, min(bi, n), min(bj, n)
         )
@@ -199,20 +216,36 @@ def tensor_attention(
             raise ValueError("method='simplicial' is causal by definition; pass causal=True")
         block = _DEFAULT_WINDOW_BLOCK if block_size is None else block_size
         check_positive_int("block_size", block)
-        out = _tensor_simplicial(q * scale, k1, k2, v1, v2, kmask, w1 or n, w2 or n, block)
+        out = _tensor_simplicial(
+            q * scale, k1, k2, v1, v2, kmask, w1 or n, w2 or n, block, itemsize if accel else None
+        )
     else:
         _check_degree(degree)
         if w1 is not None or w2 is not None:
             raise ValueError("method='approx' does not support windows w1, w2")
-        chunk = _DEFAULT_APPROX_CHUNK if block_size is None else block_size
-        check_positive_int("block_size", chunk)
-        out = _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree, chunk)
+        if block_size is not None:
+            chunk = check_positive_int("block_size", block_size)
+        elif accel:
+            # Per position: D features (causal: D × dv prefix sums) for each of the B rows.
+            features = math.comb(d + degree, degree) * (v1.shape[-1] if causal else 1)
+            chunk = tile_fit(b * features * itemsize)
+        else:
+            chunk = _DEFAULT_APPROX_CHUNK
+        out = _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree, chunk, remat=accel)
     return out.astype(out_dtype)
 
 
-def _pair_block(block_size) -> tuple[int, int]:
+def _pair_block(block_size, pair_bytes: int | None) -> tuple[int, int]:
+    """``(bi, bj)`` from ``block_size``; None: the CPU default, or with ``pair_bytes`` (bytes of
+    one key pair's scores for all B·n queries) the accelerator rule: bj = 128 and bi filling
+    the tile budget (bi·bj pairs).
+    """
     if block_size is None:
-        return _DEFAULT_PAIR_BLOCK
+        if pair_bytes is None:
+            return _DEFAULT_PAIR_BLOCK
+        pairs = tile_fit(pair_bytes)
+        bj = min(_DEFAULT_PAIR_BLOCK[1], pairs)
+        return pairs // bj, bj
     if isinstance(block_size, int):
         check_positive_int("block_size", block_size)
         return block_size, block_size
@@ -349,37 +382,46 @@ _tensor_blocked.defvjp(_tensor_blocked_fwd, _tensor_blocked_bwd)
 # -- 2-simplicial (causal windows)
 
 
-def _windows(x: jax.Array, w: int, total: int) -> jax.Array:
-    """Causal windows ``(B, n, ...) -> (B, n, total, ...)``; slot a holds index l − w + 1 + a.
+def _pad_for_windows(x: jax.Array, w: int, total: int, count: int) -> jax.Array:
+    """Pad ``(B, n, ...)`` on the position axis for the windows of ``count ≥ n`` queries.
 
-    Slots before index 0 or at a ≥ w hold zeros (``total ≥ w`` pads the window to a multiple
-    of the block size).
+    Index p of the result is position p − w + 1 (zeros outside 0..n−1), its length
+    ``count + total − 1``, so the windows of queries l..l+c−1 lie in ``[l, l + c + total − 1)``.
     """
-    n = x.shape[1]
     pad = [(0, 0)] * x.ndim
-    pad[1] = (w - 1, total - w)
-    xp = jnp.pad(x, pad)
-    idx = jnp.arange(n)[:, None] + jnp.arange(total)[None, :]
-    inside = (jnp.arange(total) < w).reshape((total,) + (1,) * (x.ndim - 2))
-    return jnp.where(inside, xp[:, idx], jnp.zeros((), x.dtype))
+    pad[1] = (w - 1, count + total - w - x.shape[1])
+    return jnp.pad(x, pad)
 
 
-def _tensor_simplicial(q, k1, k2, v1, v2, kmask, w1, w2, block):
-    """Causal windowed tensor attention, online softmax over the k2 window; ``q`` pre-scaled."""
-    b, n, _ = q.shape
-    dv = v1.shape[-1]
-    w1, w2 = min(w1, n), min(w2, n)
-    block = min(block, w2)
-    total2 = -(-w2 // block) * block
-    kmask = jnp.broadcast_to(kmask, (b, n))
-    k1w, v1w, m1w = (_windows(x, w1, w1) for x in (k1, v1, kmask))  # (B, n, w1, ·)
+def _windows(xp: jax.Array, w: int, total: int, count: int) -> jax.Array:
+    """Causal windows of ``count`` queries from their padded segment (:func:`_pad_for_windows`).
+
+    ``xp (B, count + total − 1, ...) -> (B, count, total, ...)``; slot a of query l holds
+    position l − w + 1 + a. Slots before position 0 or at a ≥ w hold zeros (``total ≥ w`` pads
+    the window to a multiple of the block size).
+    """
+    idx = jnp.arange(count)[:, None] + jnp.arange(total)[None, :]
+    inside = (jnp.arange(total) < w).reshape((total,) + (1,) * (xp.ndim - 2))
+    return jnp.where(inside, xp[:, idx], jnp.zeros((), xp.dtype))
+
+
+def _simplicial_queries(q, side1, side2, w1, w2, total2, block):
+    """Outputs ``(B, c, dv)`` of the pre-scaled queries ``q (B, c, d)``.
+
+    ``side1 = (k1, v1, mask)`` and ``side2 = (k2, v2, mask)`` are the segments of these
+    queries' windows padded by :func:`_pad_for_windows` (window sizes w1 and w2, the k2 side
+    to ``total2``, a multiple of ``block``).
+    """
+    b, c, _ = q.shape
+    dv = side1[1].shape[-1]
+    k1w, v1w, m1w = (_windows(x, w1, w1, c) for x in side1)  # (B, c, w1, ·)
     qk1 = q[:, :, None, :] * k1w
     # The k2 side is cut into blocks of window offsets, scanned with an online softmax.
-    k2w, v2w, m2w = (blocks(_windows(x, w2, total2), 2, block) for x in (k2, v2, kmask))
+    k2w, v2w, m2w = (blocks(_windows(x, w2, total2, c), 2, block) for x in side2)
 
     @partial(jax.checkpoint, prevent_cse=False)
     def body(carry, xs):
-        k2b, v2b, m2b = xs  # (B, n, block, ·)
+        k2b, v2b, m2b = xs  # (B, c, block, ·)
         s = jnp.einsum("blad,blcd->blac", qk1, k2b)
         valid = m1w[:, :, :, None] & m2b[:, :, None, :]
 
@@ -390,12 +432,49 @@ def _tensor_simplicial(q, k1, k2, v1, v2, kmask, w1, w2, block):
         return online_update(carry, s, valid, (-2, -1), weighted_values), None
 
     init = (
-        jnp.full((b, n), -jnp.inf, q.dtype),
-        jnp.zeros((b, n), q.dtype),
-        jnp.zeros((b, n, dv), q.dtype),
+        jnp.full((b, c), -jnp.inf, q.dtype),
+        jnp.zeros((b, c), q.dtype),
+        jnp.zeros((b, c, dv), q.dtype),
     )
     carry, _ = jax.lax.scan(body, init, (k2w, v2w, m2w))
     return finish(*carry)[0]
+
+
+def _tensor_simplicial(q, k1, k2, v1, v2, kmask, w1, w2, block, itemsize):
+    """Causal windowed tensor attention, online softmax over the k2 window; ``q`` pre-scaled.
+
+    ``itemsize`` None (CPU rule): all queries at once. An int (accelerator rule): queries in
+    blocks of c, the most whose gathered windows ``(B, c, w, max(d, dv))`` and per-step scores
+    ``(B, c, w1, block)`` fit in the tile budget (one block when all n fit).
+    """
+    b, n, d = q.shape
+    w1, w2 = min(w1, n), min(w2, n)
+    block = min(block, w2)
+    total2 = -(-w2 // block) * block
+    kmask = jnp.broadcast_to(kmask, (b, n))
+    c = n
+    if itemsize is not None:
+        width = max(d, v1.shape[-1])
+        c = min(tile_fit(b * itemsize * max(w1 * max(block, width), total2 * width)), n)
+    nq = -(-n // c)
+    side1 = tuple(_pad_for_windows(x, w1, w1, nq * c) for x in (k1, v1, kmask))
+    side2 = tuple(_pad_for_windows(x, w2, total2, nq * c) for x in (k2, v2, kmask))
+    if nq == 1:
+        return _simplicial_queries(q, side1, side2, w1, w2, total2, block)
+
+    # Each step gathers only its block's windows; checkpointed, so the backward pass gathers
+    # them again instead of keeping (nq, B, c, w, ·) windows for every block. Padded queries
+    # (zeros, past n) are cut off below.
+    @partial(jax.checkpoint, prevent_cse=False)
+    def step(_, xs):
+        qb, start = xs
+        seg = lambda x, total: jax.lax.dynamic_slice_in_dim(x, start, c + total - 1, axis=1)
+        s1 = tuple(seg(x, w1) for x in side1)
+        s2 = tuple(seg(x, total2) for x in side2)
+        return None, _simplicial_queries(qb, s1, s2, w1, w2, total2, block)
+
+    _, out = jax.lax.scan(step, None, (blocks(q, 1, c), jnp.arange(nq) * c))
+    return unblock(out, 1, n)
 
 
 # -- Taylor-feature approximation
@@ -440,12 +519,14 @@ def _features(x: jax.Array, tables: list[tuple[np.ndarray, np.ndarray]]) -> jax.
     return jax.lax.optimization_barrier(jnp.concatenate(feats, axis=1))
 
 
-def _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree, chunk):
+def _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree, chunk, remat):
     """Taylor-feature tensor attention, scanning the sequence in chunks of ``chunk`` positions.
 
     Chunking keeps the (D, chunk) feature blocks in cache, so the time per position does not
     grow with n (unchunked, the features of long sequences spill to memory and the measured
     time grew faster than n), and the memory is O(B·D·(chunk + dv)) (causal: ×dv per chunk).
+    With ``remat`` each chunk's step is checkpointed: the backward pass recomputes its
+    features instead of keeping ``(n / chunk, B, D, chunk)`` stacked features (O(B·D·n)).
     """
     b, n, d = q.shape
     dv = v1.shape[-1]
@@ -466,6 +547,9 @@ def _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree, chunk):
         jnp.zeros((b, dim), q.dtype),
         jnp.zeros((b, dim), q.dtype),
     )
+    scan = jax.lax.scan
+    if remat:
+        scan = lambda f, *a: jax.lax.scan(jax.checkpoint(f, prevent_cse=False), *a)  # noqa: E731
 
     if causal:
 
@@ -482,7 +566,7 @@ def _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree, chunk):
             den = jnp.einsum("bfl,bfl->bl", fq, coefs[:, None] * p1 * p2)
             return (pa[..., -1], pc[..., -1], p1[..., -1], p2[..., -1]), (num, den)
 
-        _, (num, den) = jax.lax.scan(step, zeros, xs)
+        _, (num, den) = scan(step, zeros, xs)
     else:
 
         def key_step(carry, x):
@@ -495,7 +579,7 @@ def _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree, chunk):
             s2 = s2 + jnp.einsum("bfj,bj->bf", f2, mc)
             return (a, c, s1, s2), None
 
-        (a, c, s1, s2), _ = jax.lax.scan(key_step, zeros, xs)
+        (a, c, s1, s2), _ = scan(key_step, zeros, xs)
         w_num, w_den = coefs * a * c, coefs * s1 * s2
 
         def query_step(_, qc):
@@ -505,7 +589,7 @@ def _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree, chunk):
                 jnp.einsum("bf,bfl->bl", w_den, fq),
             )
 
-        _, (num, den) = jax.lax.scan(query_step, None, xs[0])
+        _, (num, den) = scan(query_step, None, xs[0])
     num = jnp.moveaxis(num, 0, 2).reshape(b, dv, -1)[:, :, :n]  # (B, dv, n)
     den = jnp.moveaxis(den, 0, 1).reshape(b, -1)[:, :n]
     # den is a sum of T_p(x) > 0 over valid pairs (even p); it is 0 only without valid pairs.
