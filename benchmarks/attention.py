@@ -9,6 +9,10 @@
 (c) The approx error against naive as a function of the entry bound and the Taylor degree,
     beside the documented bound.
 
+``--rules gpu`` (or ``tpu``) traces every form under that backend's ``"auto"`` rules
+(:func:`ssmix.auto_backend`): the blocks, chunks and rematerialisation an accelerator gets, so
+their cost can be timed on any device; ``full_auto`` is the Attention layer's default there.
+
 Run ``python benchmarks/attention.py`` (``--small`` for a quick check). Targets (issue 7):
 KAO_KV at 64² ≥ 20× faster than full attention; approx with head dimension 8 and entries
 uniform in [−½, ½]: relative error ≤ 1e-2 and fitted time exponent over 256…4096 ≤ 1.3.
@@ -17,16 +21,23 @@ uniform in [−½, ½]: relative error ≤ 1e-2 and fitted time exponent over 25
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssmix.kernels.attention import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ssmix  # noqa: E402
+from ssmix.kernels.attention import (  # noqa: E402
     kao,
     softmax_attention,
+    softmax_block_size,
     tensor_attention,
     tensor_attention_error_bound,
 )
@@ -76,9 +87,14 @@ def bench_kao(sizes, batch: int, channels: int, heads: int) -> None:
     def heads_of(x):
         return jnp.swapaxes(x.reshape(x.shape[0], -1, heads, dh), 1, 2)
 
+    def auto(x):
+        q = heads_of(x)
+        return softmax_attention(q, q, q, block_size=softmax_block_size(*q.shape[:3], q.shape[2]))
+
     methods = {
         "full": jax.jit(lambda x: softmax_attention(*(heads_of(x),) * 3)),
         "full_blocked": jax.jit(lambda x: softmax_attention(*(heads_of(x),) * 3, block_size=256)),
+        "full_auto": jax.jit(auto),
         "KAO_KV": jax.jit(partial(kao, variant="kv", num_heads=heads)),
         "KAO_QKV": jax.jit(partial(kao, variant="qkv", num_heads=heads)),
     }
@@ -191,8 +207,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="small sizes, quick check")
     parser.add_argument("--part", choices=["all", "kao", "tensor", "error"], default="all")
+    parser.add_argument(
+        "--rules", choices=ssmix.BACKENDS, default=None, help="auto rules (default: the device's)"
+    )
     args = parser.parse_args()
-    print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}")
+    rules = ssmix.auto_backend(args.rules) if args.rules else contextlib.nullcontext()
+    with rules:
+        print(
+            f"jax {jax.__version__}, device {jax.devices()[0].device_kind}, "
+            f"{ssmix.auto_backend()} rules"
+        )
+        run(args)
+
+
+def run(args) -> None:
+    """The parts of the benchmark chosen on the command line."""
     if args.part in ("all", "kao"):
         bench_kao([8, 16] if args.small else [16, 32, 64], batch=2, channels=64, heads=4)
     if args.part in ("all", "tensor"):
