@@ -224,7 +224,9 @@ class TensorAttention(_Projected):
       w1, w2: causal windows (``t − w1 < i``, ``t − w2 < j``); None is unbounded.
       degree: Taylor degree of ``"approx"``.
       block_size: kernel block size (``"blocked"``: int or (bi, bj); ``"simplicial"``: int,
-        window offsets per step; ``"approx"``: int, positions per chunk).
+        window offsets per step; ``"approx"``: int, positions per chunk). None: the backend's
+        default (:func:`ssmix.kernels.attention.tensor_attention`): on CPU the measured
+        blocks; on GPU/TPU blocks sized so that no per-step array exceeds 256 MiB.
 
     ``mask (B, L)`` bool: a pair is valid when both keys are valid; queries without a valid
     pair output the output projection's bias.
