@@ -2,10 +2,11 @@
 
 (a) ``Hydra(d_model=256)`` (d_state 64, headdim 64, expand 2: 8 heads), batch 8,
     L ∈ {1024, 4096, 16384}: one training step's worth of work (the gradient of a loss of
-    the output with respect to every parameter and the input) for the chunked, sequential and
-    materialized methods of :func:`ssmix.kernels.ssd.quasiseparable`. Median time, the ratio
-    to the chunked method at the same length, XLA's planned peak memory; the materialized
-    method runs only where that plan stays under ``--max-gib``.
+    the output with respect to every parameter and the input) for the chunked, parallel,
+    sequential and materialized methods of :func:`ssmix.kernels.ssd.quasiseparable` (chunk
+    size: ``--chunk-size``, else the backend's default). Median time, the ratio to the
+    chunked method at the same length, XLA's planned peak memory; the materialized method
+    runs only where that plan stays under ``--max-gib``.
 (b) The chunked SSD kernel alone (both directions stacked: batch 16, 8 heads of 64, N = 64)
     at L = 4096 over chunk sizes, forward + backward: the measurement behind the default.
 (c) The short depthwise convolution (kernel 7) as a sum of shifted slices against XLA's
@@ -31,7 +32,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import compiled, median_time, memory_mb, print_table  # noqa: E402
-from ssmix.kernels.ssd import ssd  # noqa: E402
+from ssmix.kernels.ssd import default_chunk_size, ssd  # noqa: E402
 from ssmix.layers import Hydra  # noqa: E402
 from ssmix.layers.mixers import ShortConv  # noqa: E402
 
@@ -62,10 +63,8 @@ def timed(step, *args, max_gib: float | None = None):
 
 
 def bench_layer(lengths, batch, d_model, chunk_size, max_gib, methods):
-    print(
-        f"\n(a) Hydra layer forward + backward: batch {batch}, d_model {d_model}, "
-        f"chunk {chunk_size}"
-    )
+    chunk = default_chunk_size() if chunk_size is None else chunk_size
+    print(f"\n(a) Hydra layer forward + backward: batch {batch}, d_model {d_model}, chunk {chunk}")
     rows, chunked = [], {}
     for L in lengths:
         x = jax.random.normal(jax.random.PRNGKey(0), (batch, L, d_model))
@@ -100,7 +99,7 @@ def bench_chunk_sizes(L, batch, heads, P, N, chunk_sizes):
     for Q in chunk_sizes:
 
         def loss(x, dt, A, B, C, Q=Q):
-            y, h = ssd(x, dt, A, B, C, chunk_size=Q)
+            y, h = ssd(x, dt, A, B, C, chunk_size=Q, method="chunked")
             return jnp.sum(y) + jnp.sum(h)
 
         t, mem = timed(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), x, dt, A, B, C)
@@ -142,9 +141,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="quick run on short sequences")
     parser.add_argument("--max-gib", type=float, default=3.0, help="materialized memory cap")
-    parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument(
-        "--methods", default="chunked,sequential,materialized", help="comma-separated, in order"
+        "--chunk-size", type=int, default=None, help="default: the backend's (64 on CPU)"
+    )
+    parser.add_argument(
+        "--methods",
+        default="chunked,parallel,sequential,materialized",
+        help="comma-separated, in order",
     )
     parser.add_argument(
         "--lengths", type=int, nargs="*", help="layer lengths (default 1k, 4k, 16k)"

@@ -1,13 +1,19 @@
-"""Hydra layer: modes agree, padding never leaks, the materialised matrices, errors."""
+"""Hydra layer: modes agree, padding never leaks, the materialised matrices, the backend
+rule and the accelerator shape of its default, errors."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+import ssmix
 from ssmix.kernels.ssd import quasiseparable
 from ssmix.layers import Hydra
-from ssmix.testing import assert_close, check_equivalent
+from ssmix.layers.hydra import auto_mode
+from ssmix.testing import assert_close, check_equivalent, trace_stats
+
+#: Every concrete mode, the materialized oracle first.
+MODES = ("materialized", "chunked", "parallel", "sequential")
 
 
 def small_hydra(*, ngroups=2, learnable_init_states=True, seed=0, **kw):
@@ -60,7 +66,7 @@ def padded_batch(lengths, L, d=8, seed=0, dtype=jnp.float64):
 def test_hydra_modes_agree_float64_with_padding(x64):
     graph, state = split64(small_hydra())
     x, mask = padded_batch([11, 6], 11)
-    check_equivalent({m: with_mode(graph, m, mask) for m in Hydra.MODES}, state, x)
+    check_equivalent({m: with_mode(graph, m, mask) for m in MODES}, state, x)
 
 
 def test_hydra_chunked_matches_sequential_float32():
@@ -94,6 +100,34 @@ def test_hydra_materialize_is_the_mixing_matrix(x64):
     assert_close(y, jnp.einsum("bhts,bshp->bthp", M, args[0]))
     # The valid block of a padded sequence's matrix is the matrix of the sequence alone.
     assert_close(M[1:, :, :7, :7], layer.materialize(x[1:, :7]))
+
+
+def test_hydra_auto_mode_per_backend():
+    assert auto_mode(4096, "cpu") == "chunked"
+    assert auto_mode(4096, "gpu") == auto_mode(1, "tpu") == "parallel"
+    with ssmix.auto_backend("gpu"):
+        assert auto_mode(16384) == "parallel"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        auto_mode(16, "metal")
+    with pytest.raises(ValueError, match="L must be a positive integer"):
+        auto_mode(0)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_hydra_default_meets_the_accelerator_targets(backend):
+    # Forward + gradient (parameters and input) of the default layer at B = 2, L = 16384,
+    # d_model 64, traced (nothing runs): at most 64 loop iterations and no array over
+    # 256 MiB (benchmarks/accelerator.py's targets). The SSD part adds no loop at all.
+    with ssmix.auto_backend(backend):
+        graph, state = nnx.split(Hydra(64, rngs=nnx.Rngs(0)))
+
+        def loss(state, x):
+            return jnp.sum(nnx.merge(graph, state)(x) ** 2)
+
+        x = jax.ShapeDtypeStruct((2, 16384, 64), jnp.float32)
+        stats = trace_stats(jax.grad(loss, argnums=(0, 1)), state, x)
+    assert stats.loop_iterations <= 64, stats.loops
+    assert stats.largest_bytes <= 256 * 2**20, stats.largest
 
 
 def test_hydra_rejects_bad_configuration_and_inputs():

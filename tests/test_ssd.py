@@ -1,4 +1,5 @@
-"""SSD and quasiseparable kernels: chunked = sequential = materialised, structure, errors."""
+"""SSD and quasiseparable kernels: chunked = parallel = sequential = materialised, the
+backend rules and the accelerator shape of the parallel form, structure, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +8,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssmix.kernels.ssd import quasiseparable, quasiseparable_matrix, ssd, ssd_matrix
-from ssmix.testing import assert_close, check_equivalent
+import ssmix
+from ssmix.kernels.ssd import (
+    auto_method,
+    default_chunk_size,
+    naive,
+    parallel,
+    quasiseparable,
+    quasiseparable_matrix,
+    ssd,
+    ssd_matrix,
+)
+from ssmix.testing import assert_close, check_equivalent, trace_stats
 
-METHODS = ("materialized", "sequential", "chunked")
+METHODS = ("materialized", "sequential", "chunked", "parallel")
 
 
 def make_ssd(b=2, L=13, H=4, P=3, G=2, N=5, seed=0, dtype=jnp.float64, a_scale=1.0):
@@ -24,7 +35,7 @@ def make_ssd(b=2, L=13, H=4, P=3, G=2, N=5, seed=0, dtype=jnp.float64, a_scale=1
     return x, dt, A, B, C, h0
 
 
-def ssd_impls(chunk_size):
+def ssd_impls(chunk_size, methods=METHODS):
     """Each implementation returns both directions (and their final states) from one call,
     so one comparison covers forward and reverse with an initial state."""
 
@@ -35,7 +46,7 @@ def ssd_impls(chunk_size):
 
         return jax.jit(f)
 
-    return {m: impl(m) for m in METHODS}
+    return {m: impl(m) for m in methods}
 
 
 @pytest.mark.parametrize(
@@ -59,6 +70,79 @@ def test_ssd_methods_agree_float32_with_strong_decay():
     impls = ssd_impls(16)
     del impls["materialized"]
     check_equivalent(impls, x, dt, A, B, C, h0, grad_ratio=1e-3)
+
+
+def test_ssd_parallel_associative_state_passing_and_head_blocks_float64(x64):
+    # Past parallel.MATMUL_MAX_CHUNKS chunks (here past 0) the states pass between chunks by
+    # the associative scan instead of the segment-sum matmul; a tiny (Q, Q) budget also
+    # splits the 2 heads of each group into blocks run by lax.map.
+    x, dt, A, B, C, h0 = make_ssd(L=13, H=4, G=2)
+    kw = dict(qq_budget_bytes=1, matmul_max_chunks=0)
+    blocked = lambda *a: parallel.ssd_parallel(*a, 3, **kw)  # noqa: E731
+    assert trace_stats(blocked, x, dt, A, B, C, h0).loop_iterations == 2
+    impls = {"naive": lambda *a: naive.ssd_naive(*a, False), "parallel": blocked}
+    check_equivalent({k: jax.jit(f) for k, f in impls.items()}, x, dt, A, B, C, h0)
+
+
+def test_ssd_parallel_bfloat16_accumulates_in_float32():
+    x, dt, A, B, C, h0 = make_ssd(L=19, dtype=jnp.bfloat16)
+    y, h = ssd(x, dt, A, B, C, chunk_size=8, initial_state=h0, reverse=True, method="parallel")
+    assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
+    x, dt, A, B, C, h0 = (v.astype(jnp.float32) for v in (x, dt, A, B, C, h0))
+    kw = dict(initial_state=h0, reverse=True, method="materialized")
+    y_ref, h_ref = ssd(x, dt, A, B, C, **kw)
+    assert_close(y_ref, y.astype(jnp.float32), ratio=2e-2)
+    assert_close(h_ref, h, ratio=1e-4)
+
+
+def test_auto_rules_per_backend():
+    assert [auto_method(b) for b in ("cpu", "gpu", "tpu")] == ["chunked", "parallel", "parallel"]
+    assert [default_chunk_size(b) for b in ("cpu", "gpu", "tpu")] == [64, 128, 128]
+    with ssmix.auto_backend("tpu"):
+        assert (auto_method(), default_chunk_size()) == ("parallel", 128)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        auto_method("metal")
+
+
+def _hydra_kernel_shapes(L, b=2):
+    """ShapeDtypeStructs of quasiseparable's arguments at Hydra's default shape (d_model 64:
+    2 heads of 64, d_state 64, one group)."""
+    S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    return (S(b, L, 2, 64), S(b, L, 2), S(b, L, 2), S(2), *[S(b, L, 1, 64)] * 4, S(b, L, 2))
+
+
+def _grad_all(f, n):
+    return jax.grad(lambda *a: jnp.sum(f(*a)[0] ** 2), argnums=tuple(range(n)))
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_auto_is_loop_free_on_accelerators(backend):
+    # Forward + backward of the default method, traced (nothing runs) at L = 16384: no loop at
+    # all, and no (..., Q, Q) tensor or other intermediate above 256 MiB.
+    args = _hydra_kernel_shapes(16384)
+    qs = lambda *a: (quasiseparable(*a),)  # noqa: E731
+    sd = lambda x, dt, A, B, C: ssd(x, dt, A, B, C)  # noqa: E731
+    with ssmix.auto_backend(backend):
+        for name, f, a in (("qs", qs, args), ("ssd", sd, (*args[:2], args[3], *args[4:6]))):
+            stats = trace_stats(_grad_all(f, len(a)), *a)
+            assert stats.loop_iterations == 0, (name, stats.loops)
+            assert stats.largest_bytes <= 256 * 2**20, (name, stats.largest)
+    with ssmix.auto_backend("cpu"):  # the CPU keeps the chunked loop: one step per chunk
+        assert trace_stats(_grad_all(qs, 9), *_hydra_kernel_shapes(1024)).loop_iterations == 32
+
+
+@pytest.mark.parametrize("L, chunk", [(37, 4), (131, 2)])
+def test_quasiseparable_parallel_lowers_for_cuda_and_tpu(L, chunk):
+    # Both state-passing forms (matmul over 10 chunks, associative scan over 66), fwd + bwd.
+    args, states = make_qs(b=1, L=L, H=2, P=2, N=3, G=1, dtype=jnp.float32)
+
+    def loss(*a):
+        y = quasiseparable(*a, chunk_size=chunk, initial_states=states, method="parallel")
+        return jnp.sum(y**2)
+
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(9))))
+    for platform in ("cuda", "tpu"):
+        grad.trace(*args).lower(lowering_platforms=(platform,))
 
 
 def test_ssd_outputs_and_final_state_dtypes():

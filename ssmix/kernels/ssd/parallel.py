@@ -27,6 +27,8 @@ head per group no further split is possible.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -41,9 +43,22 @@ MATMUL_MAX_CHUNKS = 64
 QQ_BUDGET_BYTES = 128 * 2**20
 
 
-def ssd_parallel(x, dt, A, B, C, h0, chunk_size):
+def ssd_parallel(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    h0,
+    chunk_size,
+    *,
+    qq_budget_bytes=QQ_BUDGET_BYTES,
+    matmul_max_chunks=MATMUL_MAX_CHUNKS,
+):
     """Parallel SSD, forward direction: ``(y (B, L, Hh, P), final state (B, Hh, P, N))`` from
-    promoted inputs as in :func:`ssmix.kernels.ssd.ssd` (``h0`` or None)."""
+    promoted inputs as in :func:`ssmix.kernels.ssd.ssd` (``h0`` or None). The heads of each
+    group go in blocks whose ``(…, Q, Q)`` tensors fit ``qq_budget_bytes``; up to
+    ``matmul_max_chunks`` chunks pass states by the matmul, more by the associative scan."""
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G
@@ -61,9 +76,10 @@ def ssd_parallel(x, dt, A, B, C, h0, chunk_size):
     Cc = C.reshape(b, nc, Q, G, N)
     Ag = group_heads(A, G)
     h0 = jnp.zeros((b, G, R, P, N), x.dtype) if h0 is None else h0.reshape(b, G, R, P, N)
-    k = _head_blocks(b * nc * G * Q * Q * x.dtype.itemsize, R)  # bytes per head of a group
+    k = _head_blocks(b * nc * G * Q * Q * x.dtype.itemsize, R, qq_budget_bytes)
+    four_steps = functools.partial(_four_steps, matmul_max_chunks=matmul_max_chunks)
     if k == 1:
-        y, final = _four_steps(xc, dtc, Ag, Bc, Cc, h0)
+        y, final = four_steps(xc, dtc, Ag, Bc, Cc, h0)
     else:
         # Split the heads of each group into k blocks along a new leading axis; B and C are
         # shared by every block of a group, so they are closed over instead of mapped.
@@ -72,7 +88,7 @@ def ssd_parallel(x, dt, A, B, C, h0, chunk_size):
             return jnp.moveaxis(v, axis, 0)
 
         def block(args):
-            return _four_steps(args[0], args[1], args[2], Bc, Cc, args[3])
+            return four_steps(args[0], args[1], args[2], Bc, Cc, args[3])
 
         y, final = lax.map(block, (split(xc, 4), split(dtc, 4), split(Ag, 1), split(h0, 2)))
         y = jnp.moveaxis(y, 0, 4).reshape(b, nc, Q, G, R, P)
@@ -81,16 +97,16 @@ def ssd_parallel(x, dt, A, B, C, h0, chunk_size):
     return y, final.reshape(b, H, P, N)
 
 
-def _head_blocks(bytes_per_head: int, R: int) -> int:
+def _head_blocks(bytes_per_head: int, R: int, budget: int) -> int:
     """The fewest blocks (a divisor of the ``R`` heads per group) whose ``(…, Q, Q)`` tensor,
-    ``bytes_per_head`` for each head of every group, fits the budget."""
+    ``bytes_per_head`` for each head of every group, fits ``budget``."""
     for k in range(1, R + 1):
-        if R % k == 0 and bytes_per_head * (R // k) <= QQ_BUDGET_BYTES:
+        if R % k == 0 and bytes_per_head * (R // k) <= budget:
             return k
     return R
 
 
-def _four_steps(x, dt, A, B, C, h0):
+def _four_steps(x, dt, A, B, C, h0, *, matmul_max_chunks):
     """The four contractions over all chunks at once.
 
     ``x (b, nc, Q, G, R, P)``, ``dt (b, nc, Q, G, R)``, ``A (G, R)``, ``B, C (b, nc, Q, G, N)``,
@@ -109,20 +125,20 @@ def _four_steps(x, dt, A, B, C, h0):
     to_end = jnp.exp(cs[:, :, -1:] - cs)
     states = jnp.einsum("bcjgn,bcjgrp->bcgrpn", B, u * to_end[..., None])
     # 3. State passing: the state entering every chunk.
-    entering, final = _pass_states(cs[:, :, -1], states, h0)
+    entering, final = _pass_states(cs[:, :, -1], states, h0, matmul_max_chunks)
     # 4. State to output, decayed from the chunk's start.
     y = y + jnp.exp(cs)[..., None] * jnp.einsum("bcign,bcgrpn->bcigrp", C, entering)
     return y, final
 
 
-def _pass_states(total, states, h0):
+def _pass_states(total, states, h0, matmul_max_chunks):
     """States entering each chunk ``(b, nc, G, R, P, N)`` and the final state.
 
     ``total (b, nc, G, R)`` is each chunk's log-decay (≤ 0), ``states (b, nc, G, R, P, N)``
     what each chunk adds, ``h0 (b, G, R, P, N)`` the state before the first chunk.
     """
     nc = total.shape[1]
-    if nc <= MATMUL_MAX_CHUNKS:
+    if nc <= matmul_max_chunks:
         # Mamba-2's form: the initial state is chunk −1 with log-decay 0; entry [z, c] of the
         # exact segment-sum matrix carries chunk c's state to the end of chunk z − 1.
         logd = jnp.moveaxis(jnp.pad(total, ((0, 0), (1, 0), (0, 0), (0, 0))), 1, -1)
