@@ -1,4 +1,5 @@
-"""Every linear_scan method against the Python-loop reference: states, final state, gradients."""
+"""Every linear_scan method against the Python-loop reference: states, final state, gradients;
+the accelerator rules (loop-free decay gradient, no loop in "auto", lowering for cuda / tpu)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,16 +8,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssmix.kernels.scan import METHODS, linear_scan, linear_scan_naive, step
-from ssmix.testing import assert_close, check_equivalent
+import ssmix
+from ssmix.kernels.scan import METHODS, auto_method, linear_scan, linear_scan_naive, step
+from ssmix.testing import assert_close, check_equivalent, trace_stats
 
 
 def _method_impls(reverse, chunk_sizes=(3, 64)):
+    """Every method; "chunked" at every chunk size, "parallel" at the first (several chunks and
+    a partial one at the lengths below, where its default would be one chunk)."""
     impls = {}
     for method in METHODS:
-        sizes = chunk_sizes if method == "chunked" else (64,)
+        sizes = {"chunked": chunk_sizes, "parallel": chunk_sizes[:1]}.get(method, (64,))
         for cs in sizes:
-            name = f"{method}[{cs}]" if method == "chunked" else method
+            name = f"{method}[{cs}]" if method in ("chunked", "parallel") else method
 
             def fn(a, b, x0, method=method, cs=cs):
                 return linear_scan(a, b, x0, reverse=reverse, method=method, chunk_size=cs)
@@ -214,7 +218,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
 def test_bad_inputs():
     b = jnp.ones((2, 5, 3))
     with pytest.raises(ValueError, match="method must be one of"):
-        linear_scan(jnp.ones(3), b, method="parallel")
+        linear_scan(jnp.ones(3), b, method="fft")
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         linear_scan(jnp.ones(3), b, method="chunked", chunk_size=0)
     with pytest.raises(ValueError, match=r"b must have shape \(B, L, \*S\)"):
@@ -231,3 +235,104 @@ def test_bad_inputs():
         linear_scan(jnp.ones(3), b, jnp.ones((3,)))
     with pytest.raises(TypeError, match="floating-point"):
         linear_scan(jnp.ones(3, jnp.int32), jnp.ones((2, 5, 3), jnp.int32))
+
+
+def test_parallel_zero_and_negative_time_varying_decays(x64):
+    """The log-space decay matrices of "parallel" with exact zeros (``log 0`` is never taken)
+    and negative real decays (sign by parity): real forward, complex in reverse. (Constant
+    zero and negative decays are in the cases above.)"""
+    rng = np.random.default_rng(11)
+    L, S = 13, (2, 3)
+    for complex_, reverse in ((False, False), (True, True)):
+        a = rng.uniform(-1.2, 1.0, (1, L, *S))
+        a[rng.uniform(size=a.shape) < 0.25] = 0.0
+        b = rng.normal(size=(2, L, *S))
+        if complex_:
+            a = a * np.exp(1j * rng.uniform(0, 2 * np.pi, a.shape))
+            b = b + 1j * rng.normal(size=b.shape)
+        impls = {
+            "lax.scan": _lax_scan(reverse),
+            "parallel": lambda a, b, x0, r=reverse: linear_scan(
+                a, b, x0, reverse=r, method="parallel", chunk_size=4
+            ),
+        }
+        x0 = jnp.asarray(rng.normal(size=(2, *S)))
+        check_equivalent(impls, jnp.asarray(a), jnp.asarray(b), x0)
+
+
+def test_accelerator_decay_gradient_equals_cpu(x64):
+    """Under the accelerator rules the decay gradient is a shifted product and a reduction
+    (no loop); it equals the CPU rules' loop, with a decay broadcast over the batch and a
+    state axis so that both reductions run: constant forward, time-varying in reverse."""
+    rng = np.random.default_rng(5)
+    L = 11
+    b = rng.normal(size=(2, L, 3, 2)) + 1j * rng.normal(size=(2, L, 3, 2))
+    x0 = jnp.asarray(rng.normal(size=(2, 3, 2)) + 0j)
+    for a_shape, reverse in (((3, 1), False), ((1, L, 3, 1), True)):
+        a = jnp.asarray(rng.uniform(-0.9, 0.9, a_shape))
+
+        def make(backend, reverse=reverse):
+            def fn(decay, inputs, init):
+                with ssmix.auto_backend(backend):
+                    return linear_scan(decay, inputs, init, reverse=reverse, method="sequential")
+
+            return fn
+
+        check_equivalent({"cpu": make("cpu"), "gpu": make("gpu")}, a, jnp.asarray(b), x0)
+
+
+def _grad_loops(backend, method="auto", L=16384, time_varying=False):
+    """Loop iterations of the scan's forward + backward, traced (not run) at length ``L``."""
+    a = jax.ShapeDtypeStruct((1, L, 32) if time_varying else (32,), jnp.complex64)
+    b = jax.ShapeDtypeStruct((2, L, 32), jnp.complex64)
+    x0 = jax.ShapeDtypeStruct((2, 32), jnp.complex64)
+
+    def loss(a, b, x0):
+        states, final = linear_scan(a, b, x0, method=method)
+        return jnp.sum(jnp.abs(states) ** 2) + jnp.sum(jnp.abs(final) ** 2)
+
+    with ssmix.auto_backend(backend):
+        return trace_stats(jax.grad(loss, argnums=(0, 1, 2)), a, b, x0)
+
+
+def test_accelerator_rules_have_no_loops():
+    """ "auto" is "parallel" with a loop-free backward on GPU / TPU, "chunked" on CPU; the
+    decay gradient stops looping for every method; the backend is resolved per call (no jit
+    cache hit carries one backend's form into another's)."""
+    assert auto_method("cpu") == "chunked"
+    assert auto_method("gpu") == auto_method("tpu") == "parallel"
+    for backend in ("gpu", "tpu"):
+        for time_varying in (False, True):
+            stats = _grad_loops(backend, time_varying=time_varying)
+            assert stats.loop_iterations == 0 and stats.unknown_loops == 0
+            assert stats.largest_bytes <= 256 * 2**20
+    assert _grad_loops("gpu", "associative").loop_iterations == 0
+    assert _grad_loops("cpu", "associative").loop_iterations == 16383  # the decay gradient
+    assert _grad_loops("cpu").loop_iterations > 16384  # chunked, as before the rules
+
+
+def test_default_method_on_cpu_is_chunked_64():
+    """Calls without ``method=`` trace exactly as before the backend rules on CPU."""
+    a, b = jnp.full((3,), 0.5), jnp.ones((2, 100, 3))
+    with ssmix.auto_backend("cpu"):
+        default = jax.make_jaxpr(lambda a, b: linear_scan(a, b))(a, b)
+        chunked = jax.make_jaxpr(lambda a, b: linear_scan(a, b, method="chunked", chunk_size=64))
+        assert str(default) == str(chunked(a, b))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_parallel_forward_backward_lowers(platform):
+    """The loop-free forward + backward (constant and time-varying, complex) lowers for the
+    accelerators from a CPU host, without a while loop."""
+
+    def loss(a, b, x0):
+        states, final = linear_scan(a, b, x0, method="parallel", chunk_size=4, reverse=True)
+        return jnp.sum(jnp.abs(states) ** 2) + jnp.sum(jnp.abs(final) ** 2)
+
+    b = jnp.ones((2, 13, 3), jnp.complex64)
+    x0 = jnp.ones((2, 3), jnp.complex64)
+    for a in (jnp.full((3,), 0.5 + 0.1j), jnp.full((1, 13, 3), 0.5 - 0.2j)):
+        with ssmix.auto_backend("gpu"):
+            traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(a, b, x0)
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        assert "stablehlo.while" not in text
