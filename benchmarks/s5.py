@@ -1,5 +1,9 @@
 """S5 forward + backward: every scan method, time ratio to the associative scan.
 
+The methods are those of :data:`ssmix.kernels.s5.METHODS`: ``"sequential"``, ``"chunked"``
+and ``"parallel"`` (closed-form chunks, no loop: the GPU / TPU rules' choice) against
+``"associative"``; ``--chunk-size`` is the chunk length of ``"chunked"`` and ``"parallel"``.
+
 Shapes B = 16, H = 128, P = 64 (stored modes, conjugate symmetric), L ∈ {1024, 4096, 16384}
 (``--small``: B = 4, L ∈ {256, 1024}). The loss is ``Σ y²`` of :func:`ssmix.kernels.s5.s5_ssm`
 and the gradient is taken with respect to every parameter and the input, so the timing covers
@@ -71,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="quick run at small sizes")
     parser.add_argument("--bidirectional", action="store_true", help="add the backward scan")
-    parser.add_argument("--chunk-size", type=int, default=64, help="chunk of the chunked scan")
+    parser.add_argument("--chunk-size", type=int, default=64, help="chunk of chunked / parallel")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     Bsz, H, P = (4, 128, 64) if args.small else (16, 128, 64)

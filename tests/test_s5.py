@@ -1,5 +1,6 @@
 """S5: the kernel's scan methods equal a Python loop; the layer's modes, stepping, state carry,
-masks and materialized matrices equal each other; initialisation facts; clear errors.
+masks and materialized matrices equal each other; initialisation facts; clear errors; the
+accelerator rules' form has no loop and lowers for cuda / tpu.
 
 Shapes stay tiny (H = 3, P = 4 stored modes) and lengths awkward (1, odd, prime, not a
 multiple of the chunk length 4).
@@ -11,20 +12,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import ssmix
 from ssmix import hippo
 from ssmix.kernels.s5 import (
     METHODS,
+    auto_method,
     discretize,
     s5_matrix,
     s5_ssm,
     s5_ssm_naive,
     s5_step,
 )
-from ssmix.layers import S5
+from ssmix.layers import S5, S5PTD
 from ssmix.layers.base import SSMParam, as_complex
 from ssmix.layers.s5 import MODES, auto_mode
 from ssmix.optim import param_labels
-from ssmix.testing import assert_close, check_equivalent
+from ssmix.testing import assert_close, check_equivalent, trace_stats
 
 H, P, T = 3, 4, 4
 BATCH, L = 2, 13  # prime, not a multiple of T
@@ -163,7 +166,7 @@ def test_kernel_bad_input_raises():
 # ---------------------------------------------------------------------------------------------
 # Layer
 
-RUN_MODES = ("materialized", "sequential", "associative", "chunked")
+RUN_MODES = ("materialized", "sequential", "associative", "chunked", "parallel")
 # Layers store P = 4 modes like the kernel tests (two blocks of 4 halved by conjugate
 # symmetry, or one block of 4 in full), so the compiled scans are shared between the tests.
 D_STATE = 8
@@ -307,10 +310,59 @@ def test_parameter_groups():
 
 
 def test_auto_mode_rule():
-    assert auto_mode(1) == "sequential" and auto_mode(100_000) == "sequential"
+    assert auto_mode(1, "cpu") == "sequential" and auto_mode(100_000, "cpu") == "sequential"
+    assert auto_mode(1, "gpu") == "parallel" and auto_mode(100_000, "tpu") == "parallel"
+    with ssmix.auto_backend("gpu"):
+        assert auto_mode(7) == "parallel" and auto_method() == "parallel"
+    with ssmix.auto_backend("cpu"):
+        assert auto_mode(7) == "sequential" and auto_method() == "associative"
     assert set(MODES) == {"auto", *RUN_MODES}
     with pytest.raises(ValueError, match="L must be a positive integer"):
         auto_mode(0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        auto_mode(7, "cuda")
+
+
+ACCELERATOR_LAYERS = {
+    "S5": lambda: _layer("float32", chunk_size=64),
+    "S5 bidirectional": lambda: _layer("float32", bidirectional=True, chunk_size=64),
+    "S5PTD": lambda: S5PTD(H, P, rngs=nnx.Rngs(0)),  # a block of the packaged PTD table
+}
+
+
+def _train_step(layer):
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+        return jnp.sum(jnp.square(nnx.merge(graphdef, params)(x)))
+
+    return jax.grad(loss, argnums=(0, 1)), params
+
+
+@pytest.mark.parametrize("name", list(ACCELERATOR_LAYERS))
+def test_accelerator_rules_default_has_no_loop(name):
+    """``mode="auto"`` under the GPU / TPU rules: forward + backward at B = 2, L = 16384 trace
+    (nothing runs) to no loop and no array over 256 MiB; the CPU rules keep the sequential
+    scan. Small widths here; ``benchmarks/accelerator.py`` shows the default widths."""
+    grad, params = _train_step(ACCELERATOR_LAYERS[name]())
+    x = jax.ShapeDtypeStruct((2, 16384, H), jnp.float32)
+    for backend in ("gpu", "tpu"):
+        with ssmix.auto_backend(backend):
+            stats = trace_stats(grad, params, x)
+        assert stats.loop_iterations == 0 and stats.unknown_loops == 0, stats.loops
+        assert stats.largest_bytes <= 256 * 2**20, stats.largest
+    with ssmix.auto_backend("cpu"):
+        stats = trace_stats(grad, params, jax.ShapeDtypeStruct((2, 64, H), jnp.float32))
+    assert stats.loop_iterations > 64
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_form_lowers(platform):
+    """The bidirectional layer's GPU-rules training step lowers for the accelerators."""
+    grad, params = _train_step(_layer("float32", bidirectional=True))
+    with ssmix.auto_backend("gpu"):
+        traced = jax.jit(grad).trace(params, _u(dtype=jnp.float32))
+    assert "stablehlo.while" not in traced.lower(lowering_platforms=(platform,)).as_text()
 
 
 def test_layer_option_errors():

@@ -48,7 +48,7 @@ def test_s5_ptd_modes_agree(x64):
     """Mode equivalence is S5's (test_s5.py); here once with the PTD modes, no symmetry."""
     layer = S5PTD(H, 8, bidirectional=True, param_dtype=jnp.float64, rngs=nnx.Rngs(1))
     impls = {}
-    for mode in ("materialized", "sequential"):
+    for mode in ("materialized", "sequential", "parallel"):
         impls[mode], params = _pure(layer, mode)
     check_equivalent(impls, params, _u(), grads=False)
 

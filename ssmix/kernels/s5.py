@@ -17,7 +17,8 @@ jax arrays:
 - :func:`discretize`: ZOH or bilinear ``(Λ, B, Δ) → (Λ̄, B̄)`` (through
   :func:`ssmix.kernels.vandermonde.discretize_diag`).
 - :func:`s5_ssm`: the whole layer map; ``method`` picks the scan of
-  :func:`ssmix.kernels.scan.linear_scan` (``"associative"``, ``"sequential"``, ``"chunked"``).
+  :func:`ssmix.kernels.scan.linear_scan` (``"associative"``, ``"sequential"``, ``"chunked"``,
+  ``"parallel"``, or ``"auto"``: :func:`auto_method`).
   The projections in and out of the state are real matmuls over stacked real and imaginary
   parts, so no complex matmul is formed.
 - :func:`s5_states`, :func:`s5_output`: the two halves of :func:`s5_ssm` (layers that need
@@ -34,6 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int
 from ssmix.kernels.scan import METHODS, linear_scan
 from ssmix.kernels.vandermonde import discretize_diag
@@ -41,6 +43,7 @@ from ssmix.kernels.vandermonde import discretize_diag
 __all__ = [
     "DISCS",
     "METHODS",
+    "auto_method",
     "discretize",
     "s5_matrix",
     "s5_output",
@@ -52,6 +55,24 @@ __all__ = [
 
 #: Discretisations of the diagonal system (REFERENCE.md §3).
 DISCS = ("zoh", "bilinear")
+
+
+def auto_method(backend: str | None = None) -> str:
+    """The scan ``method="auto"`` runs on ``backend`` (default: :func:`ssmix.auto_backend`).
+
+    ``"cpu"``: ``"associative"`` (this function's default before the backend rules; the S5
+    layer picks its own CPU mode by :func:`ssmix.layers.s5.auto_mode`). ``"gpu"``, ``"tpu"``:
+    ``"parallel"``, the scan without a loop.
+    """
+    return "associative" if resolve_backend(backend) == "cpu" else "parallel"
+
+
+def _check_method(method, chunk_size):
+    """``method`` with ``"auto"`` resolved (in Python, so jit caches key on the result)."""
+    check_choice("method", method, ("auto", *METHODS))
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    return auto_method() if method == "auto" else method
 
 
 def _complex_dtype(*arrays):
@@ -134,8 +155,8 @@ def s5_states(
     *,
     reverse: bool = False,
     initial_state=None,
-    method: str = "associative",
-    chunk_size: int = 64,
+    method: str = "auto",
+    chunk_size: int | None = None,
 ):
     """All states of ``x_t = Λ̄ ⊙ x_{t−1} + B̄ u_t`` (``x_{t+1}`` with ``reverse``).
 
@@ -145,14 +166,14 @@ def s5_states(
       u: real input ``(B, L, H)``.
       reverse: run from the end of the sequence (the backward scan of bidirectional S5).
       initial_state: complex ``(B, P)`` state before the first step (zeros when None).
-      method: ``"associative"``, ``"sequential"`` or ``"chunked"`` (see
-        :func:`ssmix.kernels.scan.linear_scan`).
-      chunk_size: chunk length of ``"chunked"``.
+      method: ``"auto"`` (:func:`auto_method`), ``"associative"``, ``"sequential"``,
+        ``"chunked"`` or ``"parallel"`` (see :func:`ssmix.kernels.scan.linear_scan`).
+      chunk_size: chunk length of ``"chunked"`` and ``"parallel"`` (None: their defaults).
 
     Returns:
       ``(states (B, L, P), final_state (B, P))``, complex.
     """
-    check_choice("method", method, METHODS)
+    method = _check_method(method, chunk_size)
     check_ndim("u", u, 3, "(B, L, H)")
     if B_bar.shape[1] != u.shape[-1]:
         raise ValueError(f"u must have shape (B, L, {B_bar.shape[1]}) for B_bar; got {u.shape}")
@@ -229,8 +250,8 @@ def s5_ssm(
     disc: str = "zoh",
     bidirectional: bool = False,
     conj_sym: bool = True,
-    method: str = "associative",
-    chunk_size: int = 64,
+    method: str = "auto",
+    chunk_size: int | None = None,
     initial_state=None,
     return_state: bool = False,
 ):
@@ -252,8 +273,9 @@ def s5_ssm(
       bidirectional: add the backward scan.
       conj_sym: the ``P`` modes are one half of conjugate pairs: the output is
         ``2·Re(C x)`` (the system has ``2P`` real-equivalent modes); otherwise ``Re(C x)``.
-      method: scan method, ``"associative"``, ``"sequential"`` or ``"chunked"``.
-      chunk_size: chunk length of ``"chunked"``.
+      method: scan method, ``"auto"`` (:func:`auto_method`), ``"associative"``,
+        ``"sequential"``, ``"chunked"`` or ``"parallel"``.
+      chunk_size: chunk length of ``"chunked"`` and ``"parallel"`` (None: their defaults).
       initial_state: complex ``(P,)`` / ``(B, P)`` state before the sequence (causal only).
       return_state: also return the state after the last position (causal only).
 
@@ -262,8 +284,7 @@ def s5_ssm(
       ``return_state`` (``final_state`` complex ``(P,)`` / ``(B, P)``).
     """
     check_choice("disc", disc, DISCS)
-    check_choice("method", method, METHODS)
-    check_positive_int("chunk_size", chunk_size)
+    method = _check_method(method, chunk_size)
     Lambda, B, C, D, step, u = map(jnp.asarray, (Lambda, B, C, D, step, u))
     _check_ssm(Lambda, B, C, D, step, u, bidirectional, initial_state)
     if return_state and bidirectional:

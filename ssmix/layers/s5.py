@@ -29,10 +29,10 @@ Initialisation (``init``):
 on ``[dt_min, dt_max]`` per stored mode. The discretisation uses ``step_rescale·Δ``; with
 ``clip_eigs`` the real parts are clipped to ``≤ −1e-4`` before discretising (as S5 does).
 
-Modes (``mode``): ``"sequential"``, ``"associative"`` and ``"chunked"`` pick the scan of
-:func:`ssmix.kernels.scan.linear_scan`; ``"materialized"`` multiplies by the
+Modes (``mode``): ``"sequential"``, ``"associative"``, ``"chunked"`` and ``"parallel"`` pick
+the scan of :func:`ssmix.kernels.scan.linear_scan`; ``"materialized"`` multiplies by the
 ``(H, H, L, L)`` matrices of :meth:`S5.materialize` (O(L²H²), the oracle); ``"auto"`` runs
-:func:`auto_mode`.
+:func:`auto_mode` for the backend of :func:`ssmix.auto_backend`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from ssmix import hippo
+from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int
 from ssmix.kernels.s5 import DISCS, discretize, s5_matrix, s5_output, s5_states, s5_step
 from ssmix.layers.base import SSMParam, as_complex, complex_param
@@ -54,7 +55,7 @@ from ssmix.layers.base import SSMParam, as_complex, complex_param
 __all__ = ["S5", "S5_INITS", "C_INITS", "MODES", "auto_mode"]
 
 #: Execution modes of the S5 layer.
-MODES = ("auto", "sequential", "associative", "chunked", "materialized")
+MODES = ("auto", "sequential", "associative", "chunked", "parallel", "materialized")
 
 #: Initialisations of the S5 state matrix.
 S5_INITS = ("legs", "ptd")
@@ -66,17 +67,21 @@ C_INITS = ("trunc_standard_normal", "lecun_normal", "complex_normal")
 _CLIP_RE = -1e-4
 
 
-def auto_mode(L: int) -> str:
-    """The mode ``mode="auto"`` runs for length ``L``: ``"sequential"``.
+def auto_mode(L: int, backend: str | None = None) -> str:
+    """The mode ``mode="auto"`` runs for length ``L`` on ``backend`` (default:
+    :func:`ssmix.auto_backend`).
 
-    Measured on CPU (``benchmarks/s5.py``, forward + backward, B = 16, H = 128, P = 64):
-    the sequential and chunked scans are within 5 % of each other at L = 1k and 4k (1.2× and
-    2× the associative scan) and the sequential one is 1.4× faster than the chunked one at
-    16k (2.9× the associative scan), so the sequential scan is the one rule that is never
-    far from the best. Accelerators favour ``"associative"``; pick it explicitly there.
+    - ``"cpu"``: ``"sequential"`` at every length. Measured (``benchmarks/s5.py``, forward +
+      backward, B = 16, H = 128, P = 64): the sequential and chunked scans are within 5 % of
+      each other at L = 1k and 4k (1.2× and 2× the associative scan) and the sequential one is
+      1.4× faster than the chunked one at 16k (2.9× the associative scan), so the sequential
+      scan is the one rule that is never far from the best.
+    - ``"gpu"``, ``"tpu"``: ``"parallel"`` at every length: closed-form chunks and an
+      associative scan across them, no loop in the forward or backward pass (every loop step
+      is a round of kernel launches there). Not yet timed on a device.
     """
     check_positive_int("L", L)
-    return "sequential"
+    return "sequential" if resolve_backend(backend) == "cpu" else "parallel"
 
 
 def _block_diag(block: np.ndarray, J: int) -> np.ndarray:
@@ -127,9 +132,9 @@ class S5(nnx.Module):
       step_rescale: positive factor on every step (e.g. for inputs at another resolution).
       clip_eigs: clip ``Re Λ`` to ``≤ −1e-4`` so the system stays stable while training.
       bidirectional: add a backward scan with its own ``C̃`` columns (non-causal).
-      mode: ``"auto"``, ``"sequential"``, ``"associative"``, ``"chunked"`` or
+      mode: ``"auto"``, ``"sequential"``, ``"associative"``, ``"chunked"``, ``"parallel"`` or
         ``"materialized"``.
-      chunk_size: chunk length of the ``"chunked"`` mode.
+      chunk_size: chunk length of the ``"chunked"`` and ``"parallel"`` modes.
       param_dtype: dtype of the real parameter arrays.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
