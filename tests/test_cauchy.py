@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ssmix
 from ssmix import hippo
 from ssmix.kernels import cauchy as Cy
 from ssmix.kernels import vandermonde as V
@@ -40,8 +41,19 @@ LENGTHS = (1, 2, 7, 16, 33)
 MEASURES = [("legs", 8, 1), ("legt", 8, 2), ("lagt", 6, 1), ("fout", 8, 1)]
 
 
+def _on(backend, fn):
+    """``fn`` traced under ``backend``'s auto rules (each call of a fresh jit traces anew)."""
+
+    def run(*args, **kwargs):
+        with ssmix.auto_backend(backend):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def test_kernel_matches_dense_bilinear(x64):
-    """Cauchy + Woodbury equals C Ā^ℓ B̄ with dense Ā, B̄ for every measure and length."""
+    """Cauchy + Woodbury equals C Ā^ℓ B̄ with dense Ā, B̄ for every measure and length (one
+    block of frequencies at these lengths under every backend's rules)."""
     systems = [_system(*m, jnp.float64) for m in MEASURES]
 
     def kernels(kernel_fn):
@@ -55,11 +67,13 @@ def test_kernel_matches_dense_bilinear(x64):
 
 
 def test_kernel_gradients_match_dense_bilinear(x64):
-    """Gradients through the Cauchy sums, the Woodbury solve (rank 2) and C̃ = C(I − Ā^L)."""
+    """Gradients through the Cauchy sums (one block; 9 frequencies in blocks of 4, a loop,
+    the last block padded, rematerialised), the Woodbury solve (rank 2) and C̃ = C(I − Ā^L)."""
     check_equivalent(
         {
             "dense": lambda *s: Cy.dplr_ssm_kernel_naive(*s, 16),
             "cauchy": lambda *s: Cy.dplr_ssm_kernel(*s, 16),
+            "cauchy-blocks": lambda *s: Cy.dplr_ssm_kernel(*s, 16, freq_block=4),
         },
         *_system("legt", 8, 2, jnp.float64),
     )
@@ -68,7 +82,8 @@ def test_kernel_gradients_match_dense_bilinear(x64):
 def test_power_kernel_matches_dense_bilinear(x64):
     """Blocked powers equal C Ā^ℓ B̄ for every measure and length (default block), and with
     block 1 (one row per tap) and 64 (dense squarings past rank S/4, one row block) for LegT,
-    including lengths that are not a multiple of the block."""
+    including lengths that are not a multiple of the block; rows by a scan (CPU rules) and
+    by doubling (GPU rules: their own default block, steps that stop short of 2^k rows)."""
     systems = [_system(*m, jnp.float64) for m in MEASURES]
     lengths = LENGTHS + (64, 97)
 
@@ -86,19 +101,25 @@ def test_power_kernel_matches_dense_bilinear(x64):
         return Cy.dplr_ssm_kernel_naive(*args)
 
     check_equivalent(
-        {"dense": kernels(naive), "powers": kernels(Cy.dplr_power_kernel)},
+        {
+            "dense": kernels(naive),
+            "powers": kernels(Cy.dplr_power_kernel),
+            "powers-gpu": kernels(_on("gpu", Cy.dplr_power_kernel)),
+        },
         systems,
         grads=False,
     )
 
 
 def test_power_kernel_gradients_match_dense_bilinear(x64):
-    """Gradients through the low-rank doubling, the dense squarings and the row scan (the
-    Cauchy kernel's are checked by test_kernel_gradients_match_dense_bilinear)."""
+    """Gradients through the low-rank doubling, the dense squarings and the rows by scan and
+    by doubling (5 rows: the last step partial; the Cauchy kernel's are checked by
+    test_kernel_gradients_match_dense_bilinear)."""
     check_equivalent(
         {
             "dense": lambda *s: Cy.dplr_ssm_kernel_naive(*s, 37),
             "powers": lambda *s: Cy.dplr_power_kernel(*s, 37, block=8),
+            "powers-doubling": lambda *s: Cy.dplr_power_kernel(*s, 37, block=8, method="doubling"),
         },
         *_system("legt", 8, 2, jnp.float64),
     )
@@ -107,6 +128,13 @@ def test_power_kernel_gradients_match_dense_bilinear(x64):
 def test_power_block_rule_and_errors():
     lengths = (1, 2, 16, 1024, 2048, 2049, 4096, 8193, 16384, 10**6)
     assert [Cy.power_block(L) for L in lengths] == [1, 1, 2, 16, 32, 64, 64, 128, 128, 128]
+    for backend in ("gpu", "tpu"):  # 2^⌈log₂L / 2⌉: about √L rows of about √L taps
+        rule = [Cy.power_block(L, backend) for L in lengths]
+        assert rule == [1, 2, 4, 32, 64, 64, 64, 128, 128, 1024]
+        with ssmix.auto_backend(backend):
+            assert Cy.power_block(16384) == 128
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Cy.power_block(8, "cuda")
     Lam, P, B, C, dt = _system("legs", 8, 1, jnp.float32)
     with pytest.raises(ValueError, match="block must be a power of two; got 6"):
         Cy.dplr_power_kernel(Lam, P, B, C, dt, 8, block=6)
@@ -116,6 +144,25 @@ def test_power_block_rule_and_errors():
         Cy.dplr_power_kernel(Lam, P, B, C, dt, 0)
     with pytest.raises(ValueError, match="C must have shape"):
         Cy.dplr_power_kernel(Lam, P, B, C[..., :3], dt, 8)
+    with pytest.raises(ValueError, match="method must be one of 'auto', 'scan', 'doubling'"):
+        Cy.dplr_power_kernel(Lam, P, B, C, dt, 8, method="parallel")
+
+
+def test_cauchy_block_rule():
+    """256 frequencies on CPU; on accelerators the fewest blocks whose complex (H, block, N)
+    matrix fits 64 MiB, balanced: 8193 frequencies at H = N = 64 in 5 blocks of 1639."""
+    assert Cy.cauchy_block(16384, 64, 64, 8, "cpu") == 256
+    for backend in ("gpu", "tpu"):
+        assert Cy.cauchy_block(16384, 64, 64, 8, backend) == 1639
+        assert Cy.cauchy_block(2048, 64, 64, 8, backend) == 1025  # fits: one block, no loop
+        assert Cy.cauchy_block(16384, 64, 64, 16, backend) == 911  # complex128: 9 blocks
+    with ssmix.auto_backend("gpu"):
+        assert Cy.cauchy_block(100, 3, 8) == 51
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Cy.cauchy_block(8, 3, 8, 8, "GPU")
+    Lam, P, B, C, dt = _system("legs", 8, 1, jnp.float32)
+    with pytest.raises(ValueError, match="freq_block must be a positive integer"):
+        Cy.dplr_ssm_kernel(Lam, P, B, C, dt, 8, freq_block=0)
 
 
 def test_dense_form_is_the_step_on_every_basis_state(x64):

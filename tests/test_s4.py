@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import ssmix
 from ssmix.kernels import cauchy as Cy
 from ssmix.layers import S4, S4D
 from ssmix.layers.base import SSMParam
-from ssmix.layers.s4 import auto_mode
+from ssmix.layers.s4 import auto_kernel, auto_mode
 from ssmix.layers.s4d import S4D_INITS
-from ssmix.testing import assert_close, check_equivalent
+from ssmix.testing import assert_close, check_equivalent, trace_stats
 
 H, N, BATCH, L, T = 3, 8, 2, 37, 8  # L odd and not a multiple of the chunk length T
 RUN_MODES = ("materialized", "fft", "chunked", "scan")
@@ -191,10 +192,16 @@ def test_parameter_groups_and_storage():
 
 
 def test_auto_mode_rule():
-    assert auto_mode(1) == auto_mode(16384) == "fft"
-    assert auto_mode(2048, "s4") == auto_mode(16384, "s4") == "fft"
+    for backend in (None, "cpu", "gpu", "tpu"):
+        assert auto_mode(1, backend=backend) == auto_mode(16384, backend=backend) == "fft"
+        assert auto_mode(2048, "s4", backend) == auto_mode(16384, "s4", backend) == "fft"
+        assert auto_kernel(1, backend) == auto_kernel(16384, backend) == "powers"
     with pytest.raises(ValueError, match="layer"):
         auto_mode(8, "s5")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        auto_mode(8, "s4", "cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        auto_kernel(8, "GPU")
     layer = _layer(S4D)
     assert layer.mode == "auto"
     x = _input()
@@ -268,3 +275,66 @@ def test_kernel_dropout(x64, cls):
         layer(x, rngs=nnx.Rngs(dropout=1))
     with pytest.raises(ValueError, match=r"drop_kernel must be in \[0, 1\)"):
         cls(H, N, drop_kernel=1.0, rngs=nnx.Rngs(0))
+
+
+def _under(backend, graphdef, **call):
+    """``f(params, x)`` of the layer traced under ``backend``'s auto rules."""
+
+    def run(params, x):
+        with ssmix.auto_backend(backend):
+            return nnx.merge(graphdef, params)(x, **call)
+
+    return run
+
+
+def test_s4_under_accelerator_rules_equals_cpu_rules(x64):
+    """Bidirectional S4 with a mask: under the GPU rules (rows of the power kernel by
+    doubling, block 8: 5 rows) the same outputs as under the CPU rules (a row scan, block 4:
+    10 rows; the kernels' gradients are checked in tests/test_cauchy.py)."""
+    graphdef, params = nnx.split(_layer(S4, "float64", bidirectional=True))
+    mask = jnp.arange(L)[None, :] < jnp.asarray([L, 13])[:, None]
+    impls = {b: jax.jit(_under(b, graphdef, mask=mask)) for b in ("cpu", "gpu")}
+    check_equivalent(impls, params, _input(dtype="float64"), grads=False)
+
+
+def _train_step_stats(layer, length, backend):
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+        return jnp.sum(jnp.square(_under(backend, graphdef)(params, x)))
+
+    x = jax.ShapeDtypeStruct((BATCH, length, H), jnp.float32)
+    return trace_stats(jax.grad(loss, argnums=(0, 1)), params, x)
+
+
+def test_accelerator_rules_have_no_loops():
+    """Forward + backward at L = 16384 (traced, nothing runs): S4 with either kernel and
+    bidirectional S4, S4D have no loop under the GPU / TPU rules (H = 3, N = 64: the Cauchy
+    sums fit one block); under the CPU rules S4 scans its 128 rows each way."""
+    long = 16384
+    layers = [
+        S4(H, 64, rngs=nnx.Rngs(0)),
+        S4(H, 64, kernel="cauchy", rngs=nnx.Rngs(0)),
+        S4(H, 64, bidirectional=True, rngs=nnx.Rngs(0)),
+        S4D(H, 64, bidirectional=True, rngs=nnx.Rngs(0)),
+    ]
+    for layer in layers:
+        for backend in ("gpu", "tpu"):
+            stats = _train_step_stats(layer, long, backend)
+            assert stats.loop_iterations == 0 and stats.unknown_loops == 0, (layer, stats)
+    assert _train_step_stats(layers[0], long, "cpu").loop_iterations == 2 * 128
+
+
+@pytest.mark.parametrize("backend, platform", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_s4_cauchy_lowers_for_accelerators(backend, platform):
+    """The Cauchy-kernel S4 (the default's lowering is tests/test_accelerator.py's) lowers
+    forward + backward under the accelerator rules."""
+    graphdef, params = nnx.split(S4(H, N, kernel="cauchy", bidirectional=True, rngs=nnx.Rngs(0)))
+
+    def loss(params, x):
+        return jnp.sum(jnp.square(_under(backend, graphdef)(params, x)))
+
+    x = jax.ShapeDtypeStruct((BATCH, L, H), jnp.float32)
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    lowered = step.trace(params, x).lower(lowering_platforms=(platform,))
+    assert "func.func public @main" in lowered.as_text()
