@@ -14,7 +14,12 @@ Modes whose compiled peak memory exceeds ``--max-gib`` are skipped (``materializ
 blocked powers (the default, ``kernel="auto"``) and ``fft:cauchy`` by Cauchy sums; S4D has one
 kernel, so its ``fft:cauchy`` row is not run.
 
-Usage: ``python -m benchmarks.s4 [--small] [--reps 5] [--lengths 1024 4096] [--max-gib 3]``.
+``--rules cpu|gpu|tpu`` traces every form under that backend's ``"auto"`` rules
+(:func:`ssmix.auto_backend`; default: the device's own), so one device can time both: e.g. on a
+GPU, ``--rules cpu`` forms S4's power-kernel rows by a scan and ``--rules gpu`` by doubling.
+
+Usage: ``python -m benchmarks.s4 [--small] [--reps 5] [--lengths 1024 4096] [--max-gib 3]
+[--rules gpu]``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import ssmix
 from ssmix.layers.s4 import S4
 from ssmix.layers.s4d import S4D
 
@@ -100,11 +106,22 @@ def main() -> None:
     parser.add_argument("--max-gib", type=float, default=3.0, help="skip modes above this peak")
     parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument("--layers", nargs="*", default=["S4D", "S4"])
+    parser.add_argument("--rules", choices=ssmix.BACKENDS, help="auto rules (default: device)")
     args = parser.parse_args()
+    rules = args.rules or ssmix.auto_backend()
+    with ssmix.auto_backend(rules):
+        run(args, rules)
+
+
+def run(args, rules: str) -> None:
+    """Print the table for the parsed ``args`` (traced under ``rules``' auto rules)."""
     B, H, N = (4, 32, 64) if args.small else (16, 128, 64)
     lengths = args.lengths or ([256, 1024] if args.small else [1024, 4096, 16384])
     max_bytes = args.max_gib * 2**30
-    print(f"S4D / S4 forward+backward, B={B} H={H} N={N}, median of {args.reps}, {jax.devices()}")
+    print(
+        f"S4D / S4 forward+backward, B={B} H={H} N={N}, median of {args.reps}, "
+        f"{rules} rules, {jax.devices()}"
+    )
     header = f"{'L':>6} {'layer':<6} {'mode':<13} {'time ms':>9} {'vs naive':>9} {'peak MiB':>9}"
     print(header)
     print("-" * len(header))
