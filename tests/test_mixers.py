@@ -1,5 +1,7 @@
 """Matrix mixers: fast forms equal their materialised matrices, padding, structure, pieces."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from ssmix.layers.mixers import (
     TILED_KINDS,
     GatedRMSNorm,
     ShortConv,
+    auto_block_size,
     depthwise_conv_same,
 )
 from ssmix.testing import assert_close, check_equivalent, trace_stats
@@ -44,29 +47,6 @@ def padded_batch(lengths, L, seed=0):
     return jnp.where(mask[..., None], x, 1e3), mask
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_fast_form_equals_materialized_matrix(x64, kind):
-    # The structured forward pass equals building M explicitly and multiplying, for the
-    # data-dependent and -independent forms, on a padded batch. (The fast forms' gradients are
-    # those of their kernels, which their own tests compare: ssd / quasiseparable, fft_conv.)
-    layers = [mixer(kind, dd) for dd in variants(kind)]
-    graphs, states = zip(*(nnx.split(m) for m in layers), strict=True)
-    x, mask = padded_batch([11, 6], 11)
-
-    def impl(mode):
-        def run(states, x):
-            outs = []
-            for graph, state in zip(graphs, states, strict=True):
-                layer = nnx.merge(graph, state)
-                layer.mode = mode
-                outs.append(layer(x, mask))
-            return outs
-
-        return jax.jit(run)
-
-    check_equivalent({m: impl(m) for m in ("materialized", "fast")}, to64(states), x, grads=False)
-
-
 def run_layers(layers, mode, backend, mask):
     """A fresh jitted ``(states, x) -> [layer(x, mask)]`` in ``mode``, traced for ``backend``."""
     graphs, _ = zip(*(nnx.split(m) for m in layers), strict=True)
@@ -83,19 +63,68 @@ def run_layers(layers, mode, backend, mask):
     return jax.jit(run)
 
 
-def test_tiled_forms_equal_materialized_matrix(x64):
-    # The accelerator forms (row tiles / key blocks, traced under the GPU rules) equal the
-    # materialised matrix in values and gradients on a padded batch, with tiles of 4 over
-    # L = 11 (3 tiles, the last one padded); a data-independent kind checks the shared matrix.
-    # One program for all of them (compiling dominates).
-    layers = [mixer(kind, kind != "cauchy", block_size=4) for kind in TILED_KINDS]
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_form_equals_materialized_matrix(x64, kind):
+    # The structured forward pass equals building M explicitly and multiplying, for the
+    # data-dependent and -independent forms, on a padded batch; for the tiled kinds also the
+    # accelerator form (traced under the GPU rules, tiles of 4 over L = 11: the last one
+    # padded). Gradients: the SSD and FFT kernels' own tests compare theirs, the tiled
+    # products' are compared below.
+    layers = [mixer(kind, dd) for dd in variants(kind)]
     states = to64(tuple(nnx.split(m)[1] for m in layers))
     x, mask = padded_batch([11, 6], 11)
-    impls = {
-        "materialized": run_layers(layers, "materialized", "cpu", mask),
-        "gpu rules": run_layers(layers, "fast", "gpu", mask),
-    }
-    check_equivalent(impls, states, x)
+    impls = {mode: run_layers(layers, mode, "cpu", mask) for mode in ("materialized", "fast")}
+    if kind in TILED_KINDS:
+        tiled = [mixer(kind, dd, block_size=4) for dd in variants(kind)]  # same parameters
+        impls["gpu rules"] = run_layers(tiled, "fast", "gpu", mask)
+    check_equivalent(impls, states, x, grads=False)
+
+
+def test_tiled_products_equal_matrix_product(x64):
+    # The accelerator forms of the mixing step (row tiles for vandermonde / cauchy, key blocks
+    # for attention, traced under the GPU rules) equal the full matrix product in values and
+    # gradients w.r.t. q, k, v: tiles of 4 over L = 11 (3 tiles, the last one padded), q, k
+    # shared by the batch (data-independent) for cauchy, padded keys for attention.
+    b, L = 2, 11
+    mask = jnp.arange(L)[None, :] < jnp.array([[L], [6]])
+    layers = {kind: mixer(kind, kind != "cauchy", block_size=4) for kind in TILED_KINDS}
+    keys = iter(jax.random.split(jax.random.PRNGKey(7), 3 * len(layers)))
+    args = {}
+    for kind in layers:
+        qk_batch = 1 if kind == "cauchy" else b
+        q, k = (jax.random.normal(next(keys), (qk_batch, L, 4, 3), jnp.float64) for _ in "qk")
+        if kind == "cauchy":  # positive, as the layer makes them
+            q, k = jnp.exp(q) + 0.5, jnp.exp(k) + 0.5
+        args[kind] = (q, k, jax.random.normal(next(keys), (b, L, 4, 4), jnp.float64))
+
+    def form(tiled):
+        def run(args):
+            out = {}
+            with ssmix.auto_backend("gpu"):
+                for kind, (q, k, v) in args.items():
+                    layer, feats = layers[kind], {"q": q, "k": k}
+                    if tiled:
+                        out[kind] = layer._mix_fast(v, feats, mask)
+                    else:
+                        M = jnp.broadcast_to(layer._matrix(feats, mask, b, L), (b, 4, L, L))
+                        out[kind] = jnp.einsum("bhts,bshp->bthp", M, v)
+            return out
+
+        return jax.jit(run)
+
+    check_equivalent({"matrix": form(False), "tiled": form(True)}, args)
+
+
+def test_auto_block_size_rules():
+    assert auto_block_size("vandermonde", 2, 2, 256, 4, backend="cpu") is None
+    assert auto_block_size("vandermonde", 2, 2, 1024, 4, backend="cpu") == 256
+    assert auto_block_size("cauchy", 2, 2, 11, 4, backend="cpu") == 11
+    # One (2, 2, 1024, 16384) float32 tile is exactly 256 MiB.
+    assert auto_block_size("attention", 2, 2, 16384, 4, backend="gpu") == 1024
+    assert auto_block_size("cauchy", 1, 2, 16384, 8, backend="tpu") == 1024
+    assert auto_block_size("cauchy", 64, 64, 2**20, 4, backend="gpu") == 1
+    with pytest.raises(ValueError, match="kind must be one of"):
+        auto_block_size("low_rank", 2, 2, 16, 4)
 
 
 def layer_grad(layers, backend):
@@ -126,12 +155,10 @@ def test_accelerator_rules_bound_loops_and_memory():
 
 @pytest.mark.parametrize("platform, backend", [("cuda", "gpu"), ("tpu", "tpu")])
 def test_accelerator_forms_lower(platform, backend):
-    # The tiled forms (row tiles with checkpointing, blocked attention) and the loop-free short
-    # convolution lower for the accelerators from this CPU host, forward and backward.
-    layers = [mixer(kind, True, block_size=4) for kind in ("vandermonde", "attention")]
-    grad, states = layer_grad(layers, backend)
-    x = jnp.zeros((2, 11, 8))
-    jax.jit(grad).trace(states, x).lower(lowering_platforms=(platform,))
+    # The row-tiled form (checkpointed lax.map) and the loop-free short convolution lower for
+    # the accelerators from this CPU host, forward and backward.
+    grad, states = layer_grad([mixer("vandermonde", True, block_size=4)], backend)
+    jax.jit(grad).trace(states, jnp.zeros((2, 11, 8))).lower(lowering_platforms=(platform,))
 
 
 def test_padding_equals_per_sequence_runs(x64):
@@ -171,59 +198,49 @@ def test_data_independent_matrices_ignore_the_input():
     assert not np.allclose(layer.materialize(x1), layer.materialize(x2))
 
 
-def conv_reference(x, w, b, mask):
-    """Masked depthwise "same" convolution by XLA's grouped convolution primitive."""
+def conv_reference(x, w):
+    """Depthwise "same" convolution by XLA's grouped convolution primitive."""
     K, C = w.shape
     left = (K - 1) // 2
-    valid = mask[..., None]
-    y = lax.conv_general_dilated(
-        jnp.where(valid, x, 0),
-        w[:, None, :],
-        (1,),
-        [(left, K - 1 - left)],
-        dimension_numbers=("NWC", "WIO", "NWC"),
-        feature_group_count=C,
+    dims = ("NWC", "WIO", "NWC")
+    pad = [(left, K - 1 - left)]
+    return lax.conv_general_dilated(
+        x, w[:, None, :], (1,), pad, dimension_numbers=dims, feature_group_count=C
     )
-    return jnp.where(valid, y + b, 0)
 
 
-def test_short_conv_forms_match_depthwise_convolution(x64):
+def test_depthwise_conv_forms_match_grouped_convolution(x64):
     # The CPU form (per-batch loop) and the accelerator form (whole batch) equal XLA's grouped
-    # convolution in values and gradients, for odd and even K, L < K, L = 1 and a padded row.
-    # All cases (K, L) run in one program per form (compiling dominates).
+    # convolution in values and gradients, for odd and even K, L < K and L = 1. All cases
+    # (K, L) run in one program per form (compiling dominates).
     cases = [(7, 9), (4, 3), (2, 1)]
-    graphs, states = zip(
-        *(nnx.split(ShortConv(5, K, rngs=nnx.Rngs(K))) for K, _ in cases), strict=True
-    )
-    xs = [jax.random.normal(jax.random.PRNGKey(L), (2, L, 5), jnp.float64) for _, L in cases]
-    masks = [jnp.arange(L)[None, :] < jnp.array([[L], [max(1, L // 2)]]) for _, L in cases]
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * len(cases))
+    ws = [jax.random.normal(keys[2 * i], (K, 5), jnp.float64) for i, (K, _) in enumerate(cases)]
+    xs = [
+        jax.random.normal(keys[2 * i + 1], (2, L, 5), jnp.float64) for i, (_, L) in enumerate(cases)
+    ]
 
-    def form(backend):
-        def run(states, xs):
-            with ssmix.auto_backend(backend):
-                layers = [nnx.merge(g, s) for g, s in zip(graphs, states, strict=True)]
-                return [f(x, m) for f, x, m in zip(layers, xs, masks, strict=True)]
+    def form(conv):
+        return jax.jit(lambda ws, xs: [conv(x, w) for w, x in zip(ws, xs, strict=True)])
 
-        return jax.jit(run)
-
-    @jax.jit
-    def reference(states, xs):
-        return [
-            conv_reference(x, s["weight"][...], s["bias"][...], m)
-            for s, x, m in zip(states, xs, masks, strict=True)
-        ]
-
-    impls = {"reference": reference, "cpu": form("cpu"), "gpu": form("gpu")}
-    check_equivalent(impls, to64(states), xs)
+    impls = {"grouped convolution": form(conv_reference)}
+    for backend in ("cpu", "gpu"):
+        impls[backend] = form(functools.partial(depthwise_conv_same, backend=backend))
+    check_equivalent(impls, ws, xs)
 
 
 def test_short_conv_padding_and_loops():
+    # Under both rules, a right-padded sequence gets its unpadded result and zeros beyond it.
     conv = ShortConv(5, 4, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 5))
     mask = jnp.arange(9)[None, :] < jnp.array([[9], [4]])
-    y = conv(jnp.where(mask[..., None], x, 1e3), mask)
-    assert_close(conv(x[1:, :4])[0], y[1, :4])
-    assert bool(jnp.all(y[1, 4:] == 0))
+    for backend in ("cpu", "gpu"):
+        with ssmix.auto_backend(backend):
+            padded, alone = jax.jit(
+                lambda x: (conv(jnp.where(mask[..., None], x, 1e3), mask), conv(x[1:, :4]))
+            )(x)
+        assert_close(alone[0], padded[1, :4])
+        assert bool(jnp.all(padded[1, 4:] == 0))
     # Forward and backward: one loop step per batch element under the CPU rule, none under the
     # accelerator rules.
     w = conv.weight[...]

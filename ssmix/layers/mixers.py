@@ -71,8 +71,8 @@ KINDS = (
 )
 DATA_INDEPENDENT_ONLY = ("dense",)
 MIXER_MODES = ("fast", "materialized")
-#: Kinds whose fast form is the full ``L × L`` product on the CPU rule and a tiled one with
-#: bounded memory under the accelerator rules (or with an explicit ``block_size``).
+#: Kinds whose fast form builds and applies the ``L × L`` matrix a tile of rows (keys) at a
+#: time (:func:`auto_block_size`).
 TILED_KINDS = ("vandermonde", "cauchy", "attention")
 
 
@@ -364,11 +364,36 @@ def _attention_matrix(q, k, mask):
 
 #: Bytes of one ``(B, Hh, block, L)`` tile of the accelerator forms when ``block_size=None``.
 TILE_BYTES = 256 * 2**20
+#: Rows (keys) per tile on CPU, and the longest sequence for which the CPU keeps the full
+#: vandermonde product (see :func:`auto_block_size`).
+CPU_BLOCK_SIZE = 256
+CPU_FULL_VANDERMONDE_MAX_LEN = 256
 
 
-def auto_block_size(batch: int, heads: int, L: int, itemsize: int) -> int:
-    """Rows (or keys) per tile so that one ``(batch, heads, block, L)`` array stays within
-    :data:`TILE_BYTES`: the accelerator rule of the vandermonde / cauchy / attention kinds."""
+def auto_block_size(
+    kind: str, batch: int, heads: int, L: int, itemsize: int, backend: str | None = None
+) -> int | None:
+    """Rows (keys for attention) per tile of the tiled fast form of ``kind`` (one of
+    :data:`TILED_KINDS`), or None for the full ``(B, Hh, L, L)`` product, on ``backend``
+    (``None``: :func:`ssmix.auto_backend`); ``batch`` is that of the tiles (1 for
+    data-independent vandermonde / cauchy), ``itemsize`` the bytes of their entries.
+
+    - ``"cpu"``: :data:`CPU_BLOCK_SIZE` = 256, except the full product for vandermonde up to
+      L = 256. Measured on the 2-core CPU (fwd + bwd, B = 2, d_model = 64, two heads, qk_dim
+      16; interleaved medians on a loaded machine), full product / tiles of 256 (of 128 where
+      marked): vandermonde L = 64: 7 / 11 ms (128), L = 256: 122 / 127 ms (128), 169 ms (256),
+      L = 1024: 20 / 3.3 s; cauchy L = 256: 36 / 11 ms, L = 1024: 877 / 331 ms; attention
+      L = 1024: 161 / 83 ms, L = 4096: 1.7 / 0.84 s. Tiles of 128 and 256 were within noise
+      of each other at L = 1024 and 4096.
+    - ``"gpu"``, ``"tpu"``: the largest block for which one ``(batch, heads, block, L)`` array
+      stays within :data:`TILE_BYTES` (bounded memory, few loop steps: 1024 rows at
+      B = 2, two heads, L = 16384, float32: 16 tiles forward and 16 backward).
+    """
+    check_choice("kind", kind, TILED_KINDS)
+    if resolve_backend(backend) == "cpu":
+        if kind == "vandermonde" and L <= CPU_FULL_VANDERMONDE_MAX_LEN:
+            return None
+        return min(L, CPU_BLOCK_SIZE)
     return max(1, min(L, TILE_BYTES // (batch * heads * L * itemsize)))
 
 
@@ -439,17 +464,18 @@ class MatrixMixer(GatedConvWrapper):
     The fast form follows the backend rules of :func:`ssmix.auto_backend`, decided when the
     layer is traced:
 
-    - ``"cpu"``: vandermonde, cauchy and attention build the ``(B, Hh, L, L)`` matrix and
-      multiply (today's measured form); the short convolution loops over the batch
-      (:func:`depthwise_conv_same`); the SSD kinds run the ``"chunked"`` kernel with chunks
-      of 64.
-    - ``"gpu"``, ``"tpu"``: vandermonde and cauchy are built and applied ``T`` query rows at a
-      time, attention runs the blocked softmax kernel over blocks of ``T`` keys, with ``T``
-      from :func:`auto_block_size` (one ``(B, Hh, T, L)`` tile within 256 MiB: ``T = 1024``
-      at B = 2, two heads, L = 16384, float32, so 16 tiles forward and 16 backward); the short
-      convolution runs over the whole batch without a loop; the SSD kinds run the loop-free
-      ``"parallel"`` kernel with chunks of 128. Toeplitz (FFT), low-rank and dense are the
-      same on every backend.
+    - every backend: vandermonde and cauchy are built and applied ``T`` query rows at a time
+      (the backward recomputes each tile), attention runs the blocked softmax kernel over
+      blocks of ``T`` keys, with ``T`` from :func:`auto_block_size`, which also says when the
+      full ``(B, Hh, L, L)`` product is used instead. Toeplitz (FFT), low-rank and dense are
+      the same on every backend.
+    - ``"cpu"``: tiles of 256 (the full product for vandermonde up to L = 256), measured
+      fastest; the short convolution loops over the batch (:func:`depthwise_conv_same`); the
+      SSD kinds run the ``"chunked"`` kernel with chunks of 64.
+    - ``"gpu"``, ``"tpu"``: tiles as large as fit 256 MiB (``T = 1024`` at B = 2, two heads,
+      L = 16384, float32: 16 tiles forward and 16 backward); the short convolution runs over
+      the whole batch without a loop; the SSD kinds run the loop-free ``"parallel"`` kernel
+      with chunks of 128.
 
     Args:
       d_model: model width.
@@ -472,8 +498,8 @@ class MatrixMixer(GatedConvWrapper):
         ``"parallel"`` on GPU / TPU, :func:`~ssmix.kernels.ssd.auto_method`) or a fixed one.
         Other kinds accept only ``"auto"``.
       block_size: rows per tile (vandermonde, cauchy) or keys per block (attention) of the
-        bounded-memory fast form, on every backend; None (default): the backend rule above.
-        Other kinds accept only None.
+        tiled fast form, on every backend; None (default): :func:`auto_block_size`, the
+        backend rule above. Other kinds accept only None.
       use_bias, conv_bias: biases of the projections and of the convolution.
       rngs: ``nnx.Rngs``.
     """
@@ -650,17 +676,13 @@ class MatrixMixer(GatedConvWrapper):
         return scale / math.sqrt(2.0) if self.kind == "vandermonde" else scale
 
     def _tile_size(self, q, v):
-        """Rows (keys for attention) per tile of the tiled form, or None for the full product.
-
-        An explicit ``block_size`` wins; otherwise the CPU rule takes the full product (today's
-        measured form) and the accelerator rules :func:`auto_block_size`."""
+        """Rows (keys for attention) per tile of the tiled form, or None for the full product:
+        ``block_size`` if given, else :func:`auto_block_size`."""
         if self.block_size is not None:
             return self.block_size
-        if resolve_backend(None) == "cpu":
-            return None
         batch = v.shape[0] if self.kind == "attention" else q.shape[0]
         itemsize = jnp.promote_types(jnp.result_type(q, v), jnp.float32).itemsize
-        return auto_block_size(batch, self.nheads, v.shape[1], itemsize)
+        return auto_block_size(self.kind, batch, self.nheads, v.shape[1], itemsize)
 
     def _mix_tiled(self, v, feats, mask, block):
         """The tiled products of :data:`TILED_KINDS`: ``v (B, L, Hh, P)`` -> ``(B, L, Hh, P)``."""
@@ -718,7 +740,7 @@ class MatrixMixer(GatedConvWrapper):
             block = self._tile_size(feats["q"], v)
             if block is not None:
                 return self._mix_tiled(v, feats, mask, block)
-        # dense, and vandermonde, cauchy, attention on the CPU rule: the full product.
+        # dense, and short vandermonde on the CPU rule: the full product.
         M = self._matrix(feats, mask, b, L)
         return jnp.einsum("bhts,bshp->bthp", jnp.broadcast_to(M, (b, *M.shape[1:])), v)
 
