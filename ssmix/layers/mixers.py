@@ -23,8 +23,13 @@ semiseparable      SSD (causal): ``C_t·B_s·exp(A·Σ_{s<r≤t} dt_r)·dt_s``  
 quasiseparable     Hydra's QS with ``B, C`` shared by both directions         SSD         both
 =================  ========================================================  ==========  =====
 
-(scale factors omitted). **Data-dependent** (DD) kinds build ``q, k`` (or ``B, C, dt``, or the
-Toeplitz taps) from the projected and convolved input, so ``M`` changes with ``x``.
+(scale factors omitted). Vandermonde, cauchy and attention build and apply ``M`` a tile of
+query rows (key blocks) at a time, so their memory stays bounded (:func:`auto_block_size`);
+the SSD kinds run the SSD kernels' ``method="auto"``; :class:`MatrixMixer` lists the rules
+per backend.
+
+**Data-dependent** (DD) kinds build ``q, k`` (or ``B, C, dt``, or the Toeplitz taps) from the
+projected and convolved input, so ``M`` changes with ``x``.
 **Data-independent** (DI) kinds learn those quantities directly as parameters indexed by
 position, for positions ``0 … max_len − 1``; a sequence of length ``L ≤ max_len`` uses the
 leading ``L × L`` block of the ``max_len × max_len`` matrix (so a right-padded sequence of
