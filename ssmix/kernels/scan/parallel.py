@@ -43,7 +43,7 @@ DEFAULT_CHUNK = 64
 #: Bytes the ``(…, T, T, *S_a)`` decay tensor may take when the chunk length is chosen.
 DECAY_BUDGET = 64 * 2**20
 
-_LETTERS = "defghijklmnopqrsuvwxyz"  # einsum labels of the state axes (not b, c, t)
+_LETTERS = "defghijklmnopqruvwxyz"  # einsum labels of the state axes (not b, c, s, t)
 
 
 def default_chunk(a_shape, L: int, time_varying: bool, itemsize: int) -> int:
@@ -107,8 +107,8 @@ def parallel(a, b, x0, reverse, time_varying, T, extra=None):
     and an associative scan across them (promoted inputs; ``x0`` may be None; ``extra`` is
     added to the first input consumed)."""
     if reverse:
-        # Run forward on the time-reversed sequence: one form to get right, and XLA fuses the
-        # flips into the neighbouring ops.
+        # Run forward on the time-reversed sequence: one form to get right, for the price of
+        # two copies (b and the states), cheap beside the contraction's T products per element.
         a = jnp.flip(a, 1) if time_varying else a
         states, final = parallel(a, jnp.flip(b, 1), x0, False, time_varying, T, extra)
         return jnp.flip(states, 1), final
