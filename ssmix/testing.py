@@ -439,7 +439,8 @@ class TraceStats:
       largest_bytes: size of the largest array any equation produces (loop bodies count
         their per-iteration arrays; a scan's stacked outputs count at full size).
       largest: ``"dtype[shape] from primitive"`` of that array.
-      loops: ``(primitive, trip count)`` of every top-level loop, in trace order.
+      loops: ``(primitive, trip count)`` of every outermost loop (one not inside another
+        loop body; calls such as ``pjit`` or ``custom_vjp`` are looked into), in trace order.
       unknown_loops: ``while`` loops whose trip count is not known at trace time (counted
         as one iteration each in ``loop_iterations``).
     """
@@ -503,7 +504,9 @@ def _walk(jaxpr, stats: dict, top: bool) -> int:
                 stats["unknown"] += 1
         else:
             trip = None
-        inner = [_walk(sub, stats, top=False) for sub in subs]
+        # Loops inside a loop body are counted through their parent, not listed.
+        in_loop = name in ("scan", "while")
+        inner = [_walk(sub, stats, top=top and not in_loop) for sub in subs]
         if name in ("scan", "while"):
             n = 1 if trip is None else trip
             total += n * (1 + sum(inner))

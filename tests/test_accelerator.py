@@ -60,7 +60,8 @@ def test_trace_stats_counts_nested_loops_and_fori_loops():
             return inner, None
 
         y, _ = lax.scan(outer, x, None, length=3)  # 3 · (1 + 5)
-        return lax.fori_loop(0, 7, lambda i, c: c + 1.0, y)  # 7
+        # Inside a jitted call (a pjit equation): still an outermost loop.
+        return jax.jit(lambda y: lax.fori_loop(0, 7, lambda i, c: c + 1.0, y))(y)  # 7
 
     stats = trace_stats(f, jnp.ones(4))
     assert stats.loop_iterations == 3 * 6 + 7
