@@ -6,6 +6,8 @@ the default configuration of S4D, S4, S5 and Hydra at L ∈ {1024, 4096, 16384} 
 H = 128; ``--small``: B = 2, H = 32, L ∈ {256, 1024}) in fresh processes, alternating between
 this tree and ``--baseline`` (a checkout of an earlier commit, e.g. made with
 ``git worktree add /tmp/ssmix-base <commit>``), and prints both medians and their ratio.
+``--layers`` takes any layer name of ``ssmix.layers`` built as ``Layer(H)``, or
+``MatrixMixer:<kind>`` (with ``max_len = L``).
 
 Run: ``python benchmarks/cpu_defaults.py --baseline /tmp/ssmix-base [--small]`` (without
 ``--baseline`` it times this tree alone).
@@ -34,7 +36,11 @@ def _worker(layer: str, L: int, B: int, H: int, repeats: int) -> None:
     from benchmarks.common import compiled, median_time
     from ssmix import layers
 
-    model = getattr(layers, layer)(H, rngs=nnx.Rngs(0))
+    name, _, kind = layer.partition(":")
+    if name == "MatrixMixer":
+        model = layers.MatrixMixer(H, kind, max_len=L, rngs=nnx.Rngs(0))
+    else:
+        model = getattr(layers, name)(H, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
 
     def loss(state, x):

@@ -672,8 +672,10 @@ plt.show()
 # %% [markdown]
 # The structure shows in numbers too. Low rank: removing the skip $D$ leaves rank at most
 # $d = 4$. Toeplitz: constant diagonals. Semiseparable: lower triangular, with rank-limited
-# blocks below the diagonal. And for the kinds whose fast form is not the dense product, the
-# layer's output with `mode="fast"` equals the one with `mode="materialized"`:
+# blocks below the diagonal. And for the kinds whose fast form is not the dense product (a
+# structured product, or for Vandermonde, Cauchy and attention the matrix built and applied a
+# tile of rows at a time, so that memory stays bounded), the layer's output with `mode="fast"`
+# equals the one with `mode="materialized"`:
 
 # %%
 D0 = float(mixers["low_rank"].D[...][0])
@@ -683,7 +685,8 @@ M_ss = M_kind["semiseparable"]
 print("semiseparable: max above diagonal", float(jnp.abs(jnp.triu(M_ss, 1)).max()),
       "| ranks below:", [numerical_rank(M_ss[k:, :k]) for k in (16, 32, 48)])
 apply = nnx.jit(lambda layer, x: layer(x))
-for kind in ["toeplitz", "low_rank", "semiseparable", "quasiseparable"]:
+for kind in ["toeplitz", "low_rank", "semiseparable", "quasiseparable", "vandermonde", "cauchy",
+             "attention"]:
     fast = apply(mixers[kind], x)
     twin = MatrixMixer(d_model, kind, max_len=L, headdim=8, qk_dim=4, mode="materialized",
                        rngs=nnx.Rngs(0))  # same seed: same parameters
