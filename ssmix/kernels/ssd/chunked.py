@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ssmix.kernels.ssd.common import group_heads
+from ssmix.kernels.ssd.common import group_heads, pad_to_chunks
 
 # --------------------------------------------------------------------------------------
 # Chunked form: a loop over chunks in the caller's layout, with a hand-written gradient.
@@ -36,14 +36,7 @@ def ssd_chunked(x, dt, A, B, C, h0, chunk_size):
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G
-    Q = min(chunk_size, L)
-    nc = -(-L // Q)
-    pad = nc * Q - L
-    if pad:
-        # Zero steps at the end are identity steps: the final state passes through them.
-        x, dt, B, C = (
-            jnp.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2)) for v in (x, dt, B, C)
-        )
+    Q, nc, (x, dt, B, C) = pad_to_chunks(x, dt, B, C, chunk_size)
     # The loop sees (b, chunks, Q, features) views of the caller's arrays. Heads are split into
     # groups only per chunk: XLA:CPU copies whole arrays whose layouts differ only in where a
     # size-1 axis (such as G = 1) sits, which the loop's operands would otherwise trigger.

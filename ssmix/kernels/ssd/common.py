@@ -81,6 +81,21 @@ def compute_dtype(*arrays):
     return dtype, jnp.promote_types(dtype, jnp.float32)
 
 
+def pad_to_chunks(x, dt, B, C, chunk_size: int):
+    """``(Q, nc, (x, dt, B, C))``: the chunk length ``Q = min(chunk_size, L)``, the chunk count
+    and the inputs zero-padded at the end to ``nc·Q`` steps. Zero steps (``dt = 0``) are
+    identity steps, so the final state passes through them unchanged."""
+    L = x.shape[1]
+    Q = min(chunk_size, L)
+    nc = -(-L // Q)
+    pad = nc * Q - L
+    if pad:
+        x, dt, B, C = (
+            jnp.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2)) for v in (x, dt, B, C)
+        )
+    return Q, nc, (x, dt, B, C)
+
+
 def group_heads(v: jax.Array, G: int) -> jax.Array:
     """``(..., Hh)`` -> ``(..., G, Hh // G)``."""
     return v.reshape(*v.shape[:-1], G, v.shape[-1] // G)

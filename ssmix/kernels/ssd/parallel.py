@@ -39,7 +39,7 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
-from ssmix.kernels.ssd.common import group_heads, segment_sums
+from ssmix.kernels.ssd.common import group_heads, pad_to_chunks, segment_sums
 
 #: Chunk counts up to this pass states by one matmul with the chunk decay matrix; longer
 #: sequences use the associative scan (the matmul costs ``nc²`` state-sized products).
@@ -70,14 +70,7 @@ def ssd_parallel(
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G
-    Q = min(chunk_size, L)
-    nc = -(-L // Q)
-    pad = nc * Q - L
-    if pad:
-        # Zero steps at the end are identity steps: the final state passes through them.
-        x, dt, B, C = (
-            jnp.pad(v, ((0, 0), (0, pad)) + ((0, 0),) * (v.ndim - 2)) for v in (x, dt, B, C)
-        )
+    Q, nc, (x, dt, B, C) = pad_to_chunks(x, dt, B, C, chunk_size)
     xc = x.reshape(b, nc, Q, G, R, P)
     dtc = dt.reshape(b, nc, Q, G, R)
     Bc = B.reshape(b, nc, Q, G, N)
