@@ -16,6 +16,10 @@ Four methods compute the same thing, one module each (:func:`linear_scan_naive` 
   chunk summaries, then the recurrence inside all chunks at once: ``T + L/T`` loop steps.
 - ``"parallel"`` (``parallel.py``): closed-form chunks (a decay-matrix contraction) and an
   associative scan over the chunk summaries: no loop.
+- ``"pallas"`` (``pallas.py``): one fused Pallas kernel, the state kept on chip (Mosaic TPU
+  or Triton GPU; Pallas's interpreter on CPU). Explicit only: it is not in :data:`METHODS`
+  (the tuple the other forms are iterated from) and ``"auto"`` never picks it until it is
+  measured faster on a device.
 
 ``method="auto"`` (the default) picks by :func:`auto_method`: ``"chunked"`` on CPU, as
 measured there (``benchmarks/kernels.py``), ``"parallel"`` on GPU and TPU, where every loop
@@ -44,11 +48,15 @@ from ssmix.kernels.scan import parallel as _parallel
 from ssmix.kernels.scan._common import prepare, slice_t, step, sum_to_shape
 from ssmix.kernels.scan.associative import associative
 from ssmix.kernels.scan.naive import linear_scan_naive
+from ssmix.kernels.scan.pallas import pallas_scan
 from ssmix.kernels.scan.sequential import sequential
 
 __all__ = ["linear_scan", "linear_scan_naive", "step", "auto_method", "METHODS"]
 
 METHODS = ("sequential", "associative", "chunked", "parallel")
+
+#: Methods accepted only when named explicitly (never chosen by ``"auto"``).
+EXPLICIT_METHODS = ("pallas",)
 
 
 def auto_method(backend: str | None = None) -> str:
@@ -70,6 +78,7 @@ def linear_scan(
     reverse: bool = False,
     method: str = "auto",
     chunk_size: int | None = None,
+    interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Run ``x_t = a_t ⊙ x_{t−1} + b_t`` over axis 1 and return all states and the last one.
 
@@ -82,17 +91,20 @@ def linear_scan(
       initial_state: ``(B, *S)`` state before the first step; zeros when omitted.
       reverse: run from ``t = L − 1`` down to 0 (``x_t = a_t ⊙ x_{t+1} + b_t``).
       method: ``"auto"`` (:func:`auto_method`), ``"sequential"``, ``"associative"``,
-        ``"chunked"`` or ``"parallel"`` (module docstring).
+        ``"chunked"``, ``"parallel"`` or ``"pallas"`` (module docstring).
       chunk_size: chunk length ``T`` of ``"chunked"`` and ``"parallel"`` (any positive
         integer; ``L`` need not be a multiple of it). None: 64 for ``"chunked"``, the memory
         rule of :mod:`ssmix.kernels.scan.parallel` (64 unless the decay tensor is large) for
-        ``"parallel"``.
+        ``"parallel"``; for ``"pallas"`` the time block of the TPU / interpret variant
+        (None: :data:`ssmix.kernels.scan.pallas.DEFAULT_BLOCK`).
+      interpret: ``"pallas"`` only: run the kernel in Pallas's interpreter. None: when
+        ``jax.default_backend()`` is CPU (compiled on GPU / TPU).
 
     Returns:
       ``(states (B, L, *S), final_state (B, *S))`` in the promoted dtype of the inputs;
       ``final_state`` is ``states[:, -1]`` (``states[:, 0]`` for ``reverse=True``).
     """
-    check_choice("method", method, ("auto", *METHODS))
+    check_choice("method", method, ("auto", *METHODS, *EXPLICIT_METHODS))
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     backend = resolve_backend(None)
@@ -106,18 +118,34 @@ def linear_scan(
         method=method,
         chunk_size=chunk_size,
         loop_grad=backend == "cpu",
+        kernel=_pallas_options(method, backend, interpret),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("reverse", "method", "chunk_size", "loop_grad"))
-def _linear_scan(a, b, initial_state, *, reverse, method, chunk_size, loop_grad):
+def _pallas_options(method, backend, interpret):
+    """``(variant, interpret)`` of the Pallas kernel, static and thus part of the jit cache
+    key (None for the other methods): the GPU variant under the GPU rules, the TPU variant
+    (also the interpreter's on CPU) otherwise."""
+    if method != "pallas":
+        return None
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    return ("gpu" if backend == "gpu" else "tpu", bool(interpret))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("reverse", "method", "chunk_size", "loop_grad", "kernel")
+)
+def _linear_scan(a, b, initial_state, *, reverse, method, chunk_size, loop_grad, kernel):
     a, b, x0, time_varying, out_dtype = prepare(a, b, initial_state)
-    options = (reverse, method, chunk_size, time_varying, loop_grad)
+    options = (reverse, method, chunk_size, time_varying, loop_grad, kernel)
     states, final = _scan(a, b, x0, *options)
     return states.astype(out_dtype), final.astype(out_dtype)
 
 
-def _forward(a, b, x0, reverse, method, chunk_size, time_varying, extra=None):
+def _forward(a, b, x0, reverse, method, chunk_size, time_varying, extra=None, kernel=None):
+    if method == "pallas":
+        return pallas_scan(a, b, x0, reverse, time_varying, chunk_size, extra, *kernel)
     if method == "sequential":
         return sequential(a, b, x0, reverse, time_varying, extra)
     if method == "associative":
@@ -135,13 +163,13 @@ def _forward(a, b, x0, reverse, method, chunk_size, time_varying, extra=None):
 # Gradients: the adjoint recurrence runs the other way with the decay shifted by one step.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _scan(a, b, x0, reverse, method, chunk_size, time_varying, loop_grad):
-    return _forward(a, b, x0, reverse, method, chunk_size, time_varying)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _scan(a, b, x0, reverse, method, chunk_size, time_varying, loop_grad, kernel):
+    return _forward(a, b, x0, reverse, method, chunk_size, time_varying, kernel=kernel)
 
 
-def _scan_fwd(a, b, x0, reverse, method, chunk_size, time_varying, loop_grad):
-    states, final = _forward(a, b, x0, reverse, method, chunk_size, time_varying)
+def _scan_fwd(a, b, x0, reverse, method, chunk_size, time_varying, loop_grad, kernel):
+    states, final = _forward(a, b, x0, reverse, method, chunk_size, time_varying, kernel=kernel)
     return (states, final), (a, states, x0)
 
 
@@ -191,7 +219,7 @@ def _decay_grad_loop_free(lam, states, x0, a_shape, reverse, time_varying):
     return jnp.concatenate([body, head] if reverse else [head, body], axis=1)
 
 
-def _scan_bwd(reverse, method, chunk_size, time_varying, loop_grad, residuals, cotangents):
+def _scan_bwd(reverse, method, chunk_size, time_varying, loop_grad, kernel, residuals, cotangents):
     a, states, x0 = residuals
     g_states, g_final = cotangents
     if time_varying:
@@ -206,7 +234,15 @@ def _scan_bwd(reverse, method, chunk_size, time_varying, loop_grad, residuals, c
         a_adj = a
     # The final state's cotangent enters the adjoint recurrence at its first step.
     lam, _ = _forward(
-        a_adj, g_states, None, not reverse, method, chunk_size, time_varying, extra=g_final
+        a_adj,
+        g_states,
+        None,
+        not reverse,
+        method,
+        chunk_size,
+        time_varying,
+        extra=g_final,
+        kernel=kernel,
     )
     decay_grad = _decay_grad_loop if loop_grad else _decay_grad_loop_free
     g_a = decay_grad(lam, states, x0, a.shape, reverse, time_varying)
