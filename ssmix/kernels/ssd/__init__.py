@@ -71,6 +71,7 @@ from ssmix.kernels.ssd.naive import (
     ssd_matrix_naive,
     ssd_naive,
 )
+from ssmix.kernels.ssd.pallas import kernel_target, resolve_interpret, ssd_pallas
 from ssmix.kernels.ssd.parallel import ssd_parallel
 from ssmix.kernels.ssd.sequential import ssd_sequential
 
@@ -84,7 +85,9 @@ __all__ = [
     "quasiseparable_matrix",
 ]
 
-METHODS = ("auto", "chunked", "parallel", "sequential", "materialized")
+#: ``"pallas"`` (:mod:`.pallas`, one fused kernel) is explicit only: ``"auto"`` never picks it
+#: until it has been measured faster on a device.
+METHODS = ("auto", "chunked", "parallel", "sequential", "materialized", "pallas")
 
 #: Chunk length per backend when ``chunk_size=None``. CPU: the chunked loop's measured
 #: optimum. GPU / TPU: 128, inside Mamba-2's 128–256; the parallel form's ``(…, Q, Q)``
@@ -128,6 +131,7 @@ def ssd(
     initial_state: jax.Array | None = None,
     reverse: bool = False,
     method: str = "auto",
+    interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Run the SSD (Mamba-2 scalar-decay) recurrence over axis 1.
 
@@ -143,7 +147,10 @@ def ssd(
         ``reverse``); zeros when omitted.
       reverse: run from ``t = L − 1`` down to 0.
       method: ``"auto"`` (:func:`auto_method`), ``"chunked"``, ``"parallel"``,
-        ``"sequential"`` or ``"materialized"`` (module docstring).
+        ``"sequential"``, ``"materialized"`` (module docstring) or ``"pallas"``
+        (:mod:`.pallas`: one fused Pallas kernel, reverse-mode gradients only).
+      interpret: ``method="pallas"`` only: Pallas interpret mode; None means interpret mode
+        when ``jax.default_backend()`` is CPU, compiled elsewhere.
 
     Returns:
       ``(y (B, L, Hh, P), final_state (B, Hh, P, N))``: ``y`` in the dtype of ``x``, the
@@ -166,11 +173,12 @@ def ssd(
         initial_state=initial_state,
         reverse=reverse,
         method=method,
+        pallas=_pallas_options(method, interpret),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "reverse", "method"))
-def _ssd(x, dt, A, B, C, *, chunk_size, initial_state, reverse, method):
+@functools.partial(jax.jit, static_argnames=("chunk_size", "reverse", "method", "pallas"))
+def _ssd(x, dt, A, B, C, *, chunk_size, initial_state, reverse, method, pallas=None):
     check_ssd_args(x, dt, A, B, C, initial_state)
     out_dtype, dtype = compute_dtype(x, dt, A, B, C, initial_state)
     x, dt, A, B, C = (v.astype(dtype) for v in (x, dt, A, B, C))
@@ -181,7 +189,7 @@ def _ssd(x, dt, A, B, C, *, chunk_size, initial_state, reverse, method):
     elif method == "sequential":
         y, final = ssd_sequential(x, dt, A, B, C, initial_state, reverse)
     else:
-        form = ssd_chunked if method == "chunked" else ssd_parallel
+        form = _form(method, pallas)
         if reverse:
             x, dt, B, C = (jnp.flip(v, axis=1) for v in (x, dt, B, C))
         y, final = form(x, dt, A, B, C, initial_state, chunk_size)
@@ -223,6 +231,7 @@ def quasiseparable(
     chunk_size: int | None = None,
     initial_states: tuple[jax.Array, jax.Array] | None = None,
     method: str = "auto",
+    interpret: bool | None = None,
 ) -> jax.Array:
     """Hydra's quasiseparable mixer: ``shift(SS_fw(x)) + flip(shift(SS_bw(flip x))) + diag·x``.
 
@@ -246,7 +255,9 @@ def quasiseparable(
         before position 0 and the backward state after position ``L − 1``. Because of the
         shift, ``h_fw`` reaches rows 1 … L−1 and ``h_bw`` rows 0 … L−2.
       method: ``"auto"`` (:func:`auto_method`), ``"chunked"``, ``"parallel"``,
-        ``"sequential"`` or ``"materialized"``.
+        ``"sequential"``, ``"materialized"`` or ``"pallas"`` (both directions in one call
+        of the fused kernel, stacked like the chunked and parallel methods).
+      interpret: ``method="pallas"`` only, as in :func:`ssd`.
 
     Returns:
       ``y (B, L, Hh, P)`` in the dtype of ``x``.
@@ -258,13 +269,46 @@ def quasiseparable(
     method, chunk_size = _resolve(method, chunk_size)
     args = (x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag)
     return _quasiseparable(
-        *args, chunk_size=chunk_size, initial_states=initial_states, method=method
+        *args,
+        chunk_size=chunk_size,
+        initial_states=initial_states,
+        method=method,
+        pallas=_pallas_options(method, interpret),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "method"))
+def _pallas_options(method, interpret):
+    """``(interpret, kernel variant)`` for ``method="pallas"``, resolved in Python (from
+    ``jax.default_backend()`` and :func:`ssmix.auto_backend`) so the jitted kernels are keyed
+    on them; None for the other methods."""
+    if method != "pallas":
+        return None
+    return resolve_interpret(interpret), kernel_target()
+
+
+def _form(method, pallas):
+    """The chunk-based form of ``method`` (``"chunked"``, ``"parallel"`` or ``"pallas"``)."""
+    if method == "pallas":
+        return functools.partial(ssd_pallas, interpret=pallas[0], target=pallas[1])
+    return ssd_chunked if method == "chunked" else ssd_parallel
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "method", "pallas"))
 def _quasiseparable(
-    x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, *, chunk_size, initial_states, method
+    x,
+    dt_fw,
+    dt_bw,
+    A,
+    B_fw,
+    C_fw,
+    B_bw,
+    C_bw,
+    diag,
+    *,
+    chunk_size,
+    initial_states,
+    method,
+    pallas=None,
 ):
     h_fw, h_bw = check_qs_args(x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, initial_states)
     out_dtype, dtype = compute_dtype(x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, h_fw)
@@ -285,7 +329,7 @@ def _quasiseparable(
         y_fw, _ = ssd_sequential(x, dt_fw, A, B_fw, C_fw, h_fw, False)
         y_bw, _ = ssd_sequential(x, dt_bw, A, B_bw, C_bw, h_bw, True)
         return (shift_later(y_fw) + shift_earlier(y_bw) + skip).astype(out_dtype)
-    form = ssd_chunked if method == "chunked" else ssd_parallel
+    form = _form(method, pallas)
     b = x.shape[0]
     flip = functools.partial(jnp.flip, axis=1)
     stack = lambda fw, bw: jnp.concatenate([fw, flip(bw)], axis=0)  # noqa: E731

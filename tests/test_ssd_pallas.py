@@ -1,0 +1,135 @@
+"""SSD / quasiseparable ``method="pallas"``: the fused kernel in Pallas interpret mode against
+the materialized form (outputs, final states, gradients; both kernel variants, both
+directions, awkward lengths, bfloat16 inputs), and its lowering for cuda (Triton) and tpu
+(Mosaic), forward + backward.
+
+"pallas" is deliberately not in ``tests/test_ssd.py``'s ``METHODS``: interpret mode is slow,
+so these tests use their own tiny shapes and few cases (:data:`PALLAS`).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import ssmix
+from ssmix.kernels.ssd import METHODS, auto_method, quasiseparable, ssd
+from ssmix.kernels.ssd.pallas import kernel_target, resolve_interpret
+from ssmix.testing import check_equivalent
+
+#: The method under test, kept apart from test_ssd.METHODS (see the module docstring).
+PALLAS = "pallas"
+
+
+def make_ssd(b=2, L=13, H=4, P=3, G=2, N=5, seed=0, dtype=jnp.float64):
+    """Random SSD inputs ``(x, dt, A, B, C, h0)`` (as in tests/test_ssd.py)."""
+    k = jax.random.split(jax.random.PRNGKey(seed), 6)
+    x = jax.random.normal(k[0], (b, L, H, P), dtype)
+    dt = jax.nn.softplus(jax.random.normal(k[1], (b, L, H), dtype) - 1)
+    A = -jnp.exp(jax.random.normal(k[2], (H,), dtype))
+    B = jax.random.normal(k[3], (b, L, G, N), dtype)
+    C = jax.random.normal(k[4], (b, L, G, N), dtype)
+    h0 = jax.random.normal(k[5], (b, H, P, N), dtype)
+    return x, dt, A, B, C, h0
+
+
+def make_qs(b=2, L=11, H=4, P=3, G=2, N=5, seed=0, dtype=jnp.float64):
+    """Quasiseparable inputs and the two initial states (as in tests/test_ssd.py)."""
+    x, dt_fw, A, B_fw, C_fw, h_fw = make_ssd(b, L, H, P, G, N, seed, dtype)
+    _, dt_bw, _, B_bw, C_bw, h_bw = make_ssd(b, L, H, P, G, N, seed + 100, dtype)
+    diag = jax.random.normal(jax.random.PRNGKey(seed + 7), (b, L, H), dtype)
+    return (x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag), (h_fw, h_bw)
+
+
+def ssd_both_directions(method, chunk_size):
+    def f(x, dt, A, B, C, h0):
+        kw = dict(chunk_size=chunk_size, initial_state=h0, method=method)
+        return ssd(x, dt, A, B, C, **kw), ssd(x, dt, A, B, C, reverse=True, **kw)
+
+    return jax.jit(f)
+
+
+def test_pallas_is_explicit_only_and_interprets_on_cpu():
+    assert PALLAS in METHODS
+    for backend in ("cpu", "gpu", "tpu"):
+        assert auto_method(backend) != PALLAS
+    assert resolve_interpret(None) is (jax.default_backend() == "cpu")
+    assert resolve_interpret(False) is False
+    assert [kernel_target(b) for b in ("cpu", "gpu", "tpu")] == ["tpu", "gpu", "tpu"]
+
+
+@pytest.mark.parametrize(
+    "backend, L, chunk, G",
+    [
+        ("tpu", 13, 4, 2),  # chunk axis on the grid; prime L, not a multiple of the chunk
+        ("gpu", 13, 4, 2),  # chunk loop inside the kernel
+        ("tpu", 1, 4, 1),  # L = 1, chunk longer than the sequence, one group
+    ],
+)
+def test_ssd_pallas_matches_materialized_float64(x64, backend, L, chunk, G):
+    # Forward and reverse, with an initial state: outputs, final states and the gradients of
+    # every input (the backward is the parallel form's VJP) against the O(L²) oracle.
+    with ssmix.auto_backend(backend):  # picks the kernel variant; interpret mode on CPU
+        impls = {m: ssd_both_directions(m, chunk) for m in ("materialized", PALLAS)}
+        check_equivalent(impls, *make_ssd(L=L, G=G))
+
+
+def test_ssd_pallas_float32_strong_decay_and_bfloat16_inputs():
+    # float32: decay rates up to 300 underflow exp(A·Σdt) inside a chunk; masked before the
+    # exponential, so nothing overflows and no NaN reaches outputs or gradients.
+    x, dt, A, B, C, h0 = make_ssd(b=1, L=19, H=2, P=2, N=3, G=1, dtype=jnp.float32, seed=3)
+    A = -jnp.array([1.0, 300.0], jnp.float32)
+    impls = {m: ssd_both_directions(m, 8) for m in ("materialized", PALLAS)}
+    check_equivalent(impls, x, dt, A, B, C, h0, grad_ratio=1e-3)
+    # bfloat16 inputs accumulate in float32: y comes back in bfloat16, the state in float32,
+    # both as the materialized form computes them from the same inputs.
+    args = [v.astype(jnp.bfloat16) for v in (x, dt, A, B, C, h0)]
+    (y, h), _ = ssd_both_directions(PALLAS, 8)(*args)
+    assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
+    check_equivalent(impls, *args, grads=False)
+
+
+def qs(method, chunk_size):
+    def f(*a):
+        return quasiseparable(*a[:9], chunk_size=chunk_size, initial_states=a[9:], method=method)
+
+    return jax.jit(f)
+
+
+def test_quasiseparable_pallas_matches_materialized_float64(x64):
+    # Both directions stacked in one kernel call, initial states of both, L not a multiple
+    # of the chunk.
+    args, states = make_qs(L=11, G=2)
+    impls = {m: qs(m, 4) for m in ("materialized", PALLAS)}
+    check_equivalent(impls, *args, *states)
+
+
+CUSTOM_CALL = {"cuda": r"xla\.gpu\.triton", "tpu": r"tpu_custom_call"}
+
+
+@pytest.mark.parametrize("backend, platform", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_pallas_ssd_and_quasiseparable_lower_for_cuda_and_tpu(backend, platform):
+    # Forward + backward of ssd (both directions) and quasiseparable, compiled (not
+    # interpreted) kernels: Triton on cuda, Mosaic on tpu. Triton needs power-of-two
+    # Q, P, N of at least 16; L = 100 is padded to 4 chunks of 32.
+    x, dt, A, B, C, h0 = make_ssd(b=1, L=100, H=2, P=16, G=1, N=16, dtype=jnp.float32)
+    args, states = make_qs(b=1, L=100, H=2, P=16, G=1, N=16, dtype=jnp.float32)
+
+    def loss_ssd(*a):
+        kw = dict(chunk_size=32, initial_state=a[5], method=PALLAS, interpret=False)
+        (y1, h1), (y2, h2) = (ssd(*a[:5], **kw), ssd(*a[:5], reverse=True, **kw))
+        return jnp.sum(y1 * y2) + jnp.sum(h1 * h2)
+
+    def loss_qs(*a):
+        y = quasiseparable(
+            *a[:9], chunk_size=32, initial_states=a[9:], method=PALLAS, interpret=False
+        )
+        return jnp.sum(y**2)
+
+    with ssmix.auto_backend(backend):
+        for loss, inputs in ((loss_ssd, (x, dt, A, B, C, h0)), (loss_qs, (*args, *states))):
+            grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(inputs)))))
+            text = grad.trace(*inputs).lower(lowering_platforms=(platform,)).as_text()
+            # two directions (ssd) or one stacked call (quasiseparable) of the fused kernel
+            assert len(re.findall(CUSTOM_CALL[platform], text)) >= 1
