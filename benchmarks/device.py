@@ -36,7 +36,8 @@ previous length took so long that the projected call (linear in L, quadratic for
 exceeds ``--row-seconds`` is skipped; repeats shrink so one row's calls stay within
 ``--row-seconds``; after ``--max-seconds`` every remaining row is skipped.
 
-The ``"auto"`` forms resolve from ``jax.default_backend()`` (:func:`ssmix.auto_backend`), so
+``--only`` picks rows (``"group: form"`` as in the table, or a whole group). The
+``"auto"`` forms resolve from ``jax.default_backend()`` (:func:`ssmix.auto_backend`), so
 on a GPU the layer defaults are the accelerator forms; ``--rules cpu|gpu|tpu`` forces one
 backend's rules. ``XLA_PYTHON_CLIENT_PREALLOCATE`` defaults to ``false`` here (set before
 jax is imported when run as a script) so that torch can share the GPU with JAX.
@@ -61,6 +62,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -83,7 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ssmix  # noqa: E402
 from benchmarks.accelerator import layer_cases  # noqa: E402
 from benchmarks.common import memory_mb, print_table  # noqa: E402
-from ssmix import hippo  # noqa: E402
+from ssmix import hippo, layers  # noqa: E402
 from ssmix.kernels import cauchy  # noqa: E402
 from ssmix.kernels import ssd as ssd_mod  # noqa: E402
 from ssmix.kernels.scan import linear_scan  # noqa: E402
@@ -107,7 +109,7 @@ class Skip(Exception):
     """A cell that is not run, with the reason."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Shapes:
     B: int  # batch of every row
     H: int  # layer features
@@ -215,6 +217,12 @@ def time_torch(step, repeats: int, row_seconds: float) -> dict:
 # Rows: layers and the S5 anchor
 
 
+@functools.lru_cache(maxsize=1)
+def _layer_input(shapes: Shapes, L: int) -> jax.Array:
+    """The ``(B, L, H)`` input of the layer rows (cached: every layer row at ``L`` shares it)."""
+    return jnp.asarray(_normal(1, (shapes.B, L, shapes.H)))
+
+
 def _normal(seed: int, shape) -> np.ndarray:
     """Standard normal float32 from NumPy (eager jax.random would compile per shape)."""
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
@@ -228,30 +236,25 @@ def _layer_case(name: str, make_for_length, shapes: Shapes, anchor: str | None) 
             y = nnx.merge(graphdef, state)(x)
             return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
-        return jax.grad(loss, argnums=(0, 1)), (state, _normal(1, (shapes.B, L, shapes.H)))
+        return jax.grad(loss, argnums=(0, 1)), (state, _layer_input(shapes, L))
 
     return Case("layer", name, build, anchor=anchor, power=2.0 if name == "Attention" else 1.0)
 
 
-def s5_anchor_params(seed: int, H: int, P: int, bidirectional: bool) -> dict:
-    """lindermanlab/S5-style parameters: ``P`` stored modes (HiPPO-N LegS, conjugate
-    symmetric), ``B (P, H, 2)`` and ``C (H, P·n, 2)`` as real/imaginary pairs, ``D (H,)``,
-    ``log_step (P, 1)``."""
-    Lambda, _, _, V = hippo.nplr("legs", 2 * P)
-    V = np.asarray(V)
-    rng = np.random.default_rng(seed)
-    B = V.conj().T @ (rng.standard_normal((2 * P, H)) / np.sqrt(H))
-    n = 2 if bidirectional else 1
-    C = rng.standard_normal((H, 2 * P, n)) / np.sqrt(2 * P)
-    C = np.concatenate([C[..., i] @ V for i in range(n)], axis=1)
-    step = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), (P, 1)))
+def s5_anchor_params(layer) -> dict:
+    """lindermanlab/S5's parameter layout filled from an ssmix :class:`~ssmix.layers.S5`
+    (same modes, ``B̃``, ``C̃``, ``D`` and steps, so the two compute the same layer):
+    ``Lambda_re/im (P,)``, ``B (P, H, 2)`` and ``C (H, n·P, 2)`` as real/imaginary pairs,
+    ``D (H,)``, ``log_step (P, 1)`` (ZOH, ``step_rescale`` 1, no eigenvalue clipping)."""
+    if layer.disc != "zoh" or layer.step_rescale != 1.0 or layer.clip_eigs or not layer.conj_sym:
+        raise ValueError("the anchor mirrors the default S5: zoh, conj_sym, no rescale or clip")
     return {
-        "Lambda_re": jnp.asarray(Lambda.real, jnp.float32),
-        "Lambda_im": jnp.asarray(Lambda.imag, jnp.float32),
-        "B": jnp.asarray(np.stack([B.real, B.imag], -1), jnp.float32),
-        "C": jnp.asarray(np.stack([C.real, C.imag], -1), jnp.float32),
-        "D": jnp.asarray(rng.standard_normal(H), jnp.float32),
-        "log_step": jnp.asarray(np.log(step), jnp.float32),
+        "Lambda_re": layer.Lambda_re[...],
+        "Lambda_im": layer.Lambda_im[...],
+        "B": layer.B[...],
+        "C": layer.C[...],
+        "D": layer.D[...],
+        "log_step": layer.log_step[...][:, None],
     }
 
 
@@ -290,12 +293,13 @@ def s5_anchor_apply(params: dict, u: jax.Array, bidirectional: bool) -> jax.Arra
 
 def _s5_anchor_case(name: str, shapes: Shapes, bidirectional: bool) -> Case:
     def build(L):
-        params = s5_anchor_params(0, shapes.H, 32, bidirectional)
+        layer = layers.S5(shapes.H, bidirectional=bidirectional, rngs=nnx.Rngs(0))
+        params = s5_anchor_params(layer)
 
         def loss(params, x):
             return jnp.sum(jnp.square(s5_anchor_apply(params, x, bidirectional)))
 
-        return jax.grad(loss, argnums=(0, 1)), (params, _normal(1, (shapes.B, L, shapes.H)))
+        return jax.grad(loss, argnums=(0, 1)), (params, _layer_input(shapes, L))
 
     return Case("anchor", name, build)
 
@@ -304,6 +308,7 @@ def _s5_anchor_case(name: str, shapes: Shapes, bidirectional: bool) -> Case:
 # Rows: kernels
 
 
+@functools.lru_cache(maxsize=1)
 def _scan_inputs(shapes: Shapes, L: int):
     S = shapes.S
     a = np.exp(0.01 * (-0.5 - 1j * np.pi * np.arange(S) / S)).astype(np.complex64)
@@ -322,6 +327,7 @@ def _scan_case(form: str, shapes: Shapes) -> Case:
     return Case("linear_scan", form, build)
 
 
+@functools.lru_cache(maxsize=1)
 def _ssd_inputs(shapes: Shapes, L: int, qs: bool):
     b, h, P, N = shapes.B, shapes.heads, shapes.P, shapes.N
     rng = np.random.default_rng(4)
