@@ -51,7 +51,14 @@ from ssmix.kernels.scan.naive import linear_scan_naive
 from ssmix.kernels.scan.pallas import pallas_scan
 from ssmix.kernels.scan.sequential import sequential
 
-__all__ = ["linear_scan", "linear_scan_naive", "step", "auto_method", "METHODS"]
+__all__ = [
+    "linear_scan",
+    "linear_scan_naive",
+    "step",
+    "auto_method",
+    "METHODS",
+    "EXPLICIT_METHODS",
+]
 
 METHODS = ("sequential", "associative", "chunked", "parallel")
 

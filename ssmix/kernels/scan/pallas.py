@@ -31,6 +31,15 @@ decay shifted by one step, and the decay gradient as an elementwise product and 
 
 ``interpret=True`` runs the kernel through Pallas's interpreter (how it is tested on CPU);
 float64 works there, the compiled kernels take float32 (TPU has no float64).
+
+Memory: the kernel reads its inputs in the ``(…, G, W)`` lane layout, a free reshape when
+``N`` is a multiple of the lanes and ``L`` of the time block; otherwise ``b`` (and a
+time-varying ``a``) are padded copies. A time-varying decay broadcast along state axes (e.g.
+``(1, L, H, 1)`` for ``S = (H, P)``) is materialised at the full ``(B|1, L, *S)``, and complex
+inputs are split into real / imaginary copies. The states are written once, in the lane
+layout, and sliced back.
+
+Not yet measured on a device: ``method="auto"`` never picks this form.
 """
 
 from __future__ import annotations
