@@ -46,6 +46,10 @@ Run on the device machine from the repository root::
 
     PYTHONPATH=. python benchmarks/device.py [--mamba-src runs/mamba] [--json runs/device.json]
 
+The device machine reaches nothing outside, so the mamba checkout travels with the tree:
+e.g. ``git archive`` state-spaces/mamba's ``mamba_ssm/`` into ``runs/mamba`` (git-ignored)
+and name that folder among the paths carried to the machine.
+
 (``--small``: tiny shapes and lengths for a CPU smoke run, tested in
 ``tests/test_device_benchmark.py``.)
 JSON (default ``runs/device-<time>.json``, git-ignored): device, versions, shapes and one

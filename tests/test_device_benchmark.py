@@ -57,11 +57,13 @@ def test_small_run_prints_table_and_writes_finite_json(tmp_path, capsys):
         "ssd: parallel",
     ]
     path = tmp_path / "device.json"
-    argv = ["--small", "--lengths", "17", "--repeats", "1", "--json", str(path), "--only", *only]
+    # Under the GPU rules, so the layer rows are the forms a GPU runs (traced on the CPU).
+    argv = ["--small", "--lengths", "17", "--repeats", "1", "--rules", "gpu"]
+    argv += ["--json", str(path), "--only", *only]
     device.main(argv)
     out = capsys.readouterr().out
     data = json.loads(path.read_text())
-    assert data["lengths"] == [17] and data["rules"] == "cpu"
+    assert data["lengths"] == [17] and data["rules"] == "gpu"
     assert data["shapes"]["B"] == 2 and data["shapes"]["H"] == 64
     names = {(r["group"], r["name"]) for r in data["records"]}
     expected = {
@@ -83,7 +85,7 @@ def test_small_run_prints_table_and_writes_finite_json(tmp_path, capsys):
     assert table[0].split("|")[3].strip() == "L=17 ms"
     rows = {tuple(c.strip() for c in line.split("|")[1:3]) for line in table[1:]}
     assert expected <= rows
-    assert "jax" in out and "B=2" in out and "H=64" in out
+    assert "jax" in out and "B=2" in out and "H=64" in out and "auto rules: gpu" in out
 
 
 def _seconds(data, name):
