@@ -118,13 +118,16 @@ def test_pallas_forward_backward_lowers(platform, backend, marker):
         )
         return jnp.sum(jnp.abs(states) ** 2) + jnp.sum(jnp.abs(final) ** 2)
 
+    # State shapes: 160 features (a (2, 128) tile) and 1100 (padded to (16, 128): (8, 128)
+    # tiles on TPU, nine 128-lane rows on GPU).
     cases = [
-        (jnp.full((1, 20, 4, 40), 0.5, jnp.float32), jnp.float32, False),
-        (jnp.full((40,), 0.5 + 0.1j, jnp.complex64), jnp.complex64, True),
+        (jnp.full((1, 20, 4, 40), 0.5, jnp.float32), (4, 40), jnp.float32, False),
+        (jnp.full((40,), 0.5 + 0.1j, jnp.complex64), (4, 40), jnp.complex64, True),
+        (jnp.full((1100,), 0.5, jnp.float32), (1100,), jnp.float32, True),
     ]
-    for a, dtype, reverse in cases:
-        b = jnp.ones((2, 20, 4, 40), dtype)
-        x0 = jnp.ones((2, 4, 40), dtype)
+    for a, S, dtype, reverse in cases:
+        b = jnp.ones((2, 20, *S), dtype)
+        x0 = jnp.ones((2, *S), dtype)
         with ssmix.auto_backend(backend):
             grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
             traced = grad.trace(a, b, x0, reverse)
