@@ -499,7 +499,7 @@ def _mamba_cases(src: str, shapes: Shapes) -> tuple[list[Case], dict[str, str]]:
 # Driver
 
 
-def build_cases(shapes: Shapes, L_max: int, mamba_src: str | None):
+def build_cases(shapes: Shapes, mamba_src: str | None):
     """All rows in table order, and the notes on rows left out."""
     pallas = pallas_support(shapes)
     notes = {}
@@ -521,10 +521,10 @@ def build_cases(shapes: Shapes, L_max: int, mamba_src: str | None):
                 notes[f"{group}: pallas"] = pallas[group]
                 continue
             cases.append(_ssd_case(form, shapes, qs))
-    if mamba_src:
-        mamba, missing = _mamba_cases(mamba_src, shapes)
-        cases.extend(mamba)
-        notes.update({f"mamba: {k}": v for k, v in missing.items()})
+        if mamba_src and not qs:  # the anchors next to the SSD rows
+            mamba, missing = _mamba_cases(mamba_src, shapes)
+            cases.extend(mamba)
+            notes.update({f"mamba: {k}": v for k, v in missing.items()})
     for form in POWER_FORMS:
         cases.append(_power_case(form, shapes))
     return cases, notes
@@ -547,7 +547,7 @@ def run(args) -> dict:
     device_bytes = _device_bytes()
     records: list[dict] = []
     with rules:
-        cases, notes = build_cases(shapes, max(lengths), args.mamba_src)
+        cases, notes = build_cases(shapes, args.mamba_src)
         if args.only:
             cases = [c for c in cases if c.key in args.only or c.group in args.only]
         header = {

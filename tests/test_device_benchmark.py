@@ -22,7 +22,7 @@ SMALL = device.Shapes(B=2, H=64, S=8, heads=2, P=8, N=8, S4_H=4)
 
 
 def test_rows_cover_every_layer_form_and_anchor():
-    cases, notes = device.build_cases(SMALL, 64, mamba_src=None)
+    cases, notes = device.build_cases(SMALL, mamba_src=None)
     keys = [c.key for c in cases]
     assert len(keys) == len(set(keys))
     expected = [f"layer: {name}" for name in device.LAYERS]
@@ -43,7 +43,7 @@ def test_rows_cover_every_layer_form_and_anchor():
 
 
 def test_mamba_missing_source_is_a_note_not_a_crash(tmp_path):
-    cases, notes = device.build_cases(SMALL, 64, mamba_src=str(tmp_path))
+    cases, notes = device.build_cases(SMALL, mamba_src=str(tmp_path))
     assert not any(c.group.startswith("mamba") for c in cases)
     assert set(notes) >= {f"mamba: {device.MAMBA_TRITON}", f"mamba: {device.MAMBA_MINIMAL}"}
 
@@ -93,7 +93,7 @@ def _seconds(data, name):
 
 
 def _keys():
-    return {c.key for c in device.build_cases(SMALL, 64, mamba_src=None)[0]}
+    return {c.key for c in device.build_cases(SMALL, mamba_src=None)[0]}
 
 
 def test_s5_anchor_is_the_same_layer_as_ssmix_s5():
@@ -119,3 +119,21 @@ def test_s5_anchor_is_the_same_layer_as_ssmix_s5():
 
     impls = {"ssmix S5": jax.jit(ssmix_s5), "anchor": jax.jit(anchor)}
     check_equivalent(impls, state, jnp.asarray(x))
+
+
+def test_guards_skip_with_reasons(tmp_path, capsys):
+    """A row projected over ``--row-seconds`` is skipped at the next length, rows over
+    ``--max-seconds`` are not run, and the table names the reasons."""
+    path = tmp_path / "guards.json"
+    argv = ["--small", "--lengths", "8", "16", "--row-seconds", "1e-9", "--json", str(path)]
+    device.main([*argv, "--only", "linear_scan: sequential"])
+    out = capsys.readouterr().out
+    first, second = json.loads(path.read_text())["records"]
+    assert first["L"] == 8 and first["repeats"] == 1 and math.isfinite(first["seconds"])
+    assert second["L"] == 16 and second["skipped"].startswith("projected")
+    assert "skip [1]" in out and "[1] projected" in out
+
+    device.main([*argv, "--max-seconds", "0", "--only", "ssd"])
+    records = json.loads(path.read_text())["records"]
+    assert records and all(r["skipped"].startswith("time budget") for r in records)
+    assert {r["name"] for r in records} >= {"chunked", "parallel", "sequential"}
