@@ -118,8 +118,8 @@ def test_pallas_forward_backward_lowers(platform, backend, marker):
         )
         return jnp.sum(jnp.abs(states) ** 2) + jnp.sum(jnp.abs(final) ** 2)
 
-    # State shapes: 160 features (a (2, 128) tile) and 1100 (padded to (16, 128): (8, 128)
-    # tiles on TPU, nine 128-lane rows on GPU).
+    # State shapes: 160 features (one (2, 128) tile on TPU) and 1100 (padded to (16, 128): (8, 128)
+    # tiles on TPU, 35 rows of 32 lanes on GPU).
     cases = [
         (jnp.full((1, 20, 4, 40), 0.5, jnp.float32), (4, 40), jnp.float32, False),
         (jnp.full((40,), 0.5 + 0.1j, jnp.complex64), (4, 40), jnp.complex64, True),

@@ -18,11 +18,13 @@ Two variants, chosen by :func:`ssmix.kernels.scan.linear_scan` at trace time fro
   multiple, on the side walked last so the padding never reaches a real state). The carry
   lives in a VMEM scratch across the time blocks.
 - **GPU (Triton)**: grid blocks run concurrently there, so no carry can pass between them.
-  The grid is ``(B, N/W)`` with ``W = min(128, next power of 2 ≥ N)`` lanes per instance, the
-  block spans the whole length, and one ``fori_loop`` inside the kernel walks it, the carry
-  in registers (as recurrentgemma does on GPU). Triton is selected with
-  ``pallas.triton.CompilerParams``: the default Mosaic GPU lowering copies whole blocks into
-  shared memory, which a length-long block does not fit.
+  The grid is ``(B, N/W)`` with ``W = min(32, next power of 2 ≥ N)`` lanes per instance (one
+  warp, one lane per thread: every step loads 128 contiguous bytes per array, and the
+  ``B·N/32`` instances spread the latency-bound walk over many SMs), the block spans the
+  whole length, and one ``fori_loop`` inside the kernel walks it, the carry in registers (as
+  recurrentgemma does on GPU). Triton is selected with ``pallas.triton.CompilerParams``: the
+  default Mosaic GPU lowering copies whole blocks into shared memory, which a length-long
+  block does not fit. The lane and warp counts are a reasoned choice, not a measured one.
 
 ``reverse=True`` walks the time blocks and the steps inside them backwards (the block
 index map is reversed), so nothing is flipped in memory. The backward pass is the generic
@@ -58,6 +60,9 @@ DEFAULT_BLOCK = 64
 #: Lane width (last block dimension) and sublane tile (second to last) of the TPU variant.
 LANES, SUBLANES = 128, 8
 
+#: Lanes per kernel instance of the GPU variant (one warp).
+GPU_LANES = 32
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -66,7 +71,7 @@ def _next_pow2(n: int) -> int:
 def _layout(N: int, gpu: bool):
     """``(W, G, d)``: lanes per row, rows of padded features, rows per tile."""
     if gpu:
-        W = min(LANES, _next_pow2(N))
+        W = min(GPU_LANES, _next_pow2(N))
         return W, -(-N // W), 1
     G = -(-N // LANES)
     if G > SUBLANES:
@@ -219,7 +224,7 @@ def pallas_scan(
     if gpu:
         from jax.experimental.pallas import triton as plt
 
-        extra_args = dict(compiler_params=plt.CompilerParams(num_warps=4, num_stages=1))
+        extra_args = dict(compiler_params=plt.CompilerParams(num_warps=1))
     else:
         from jax.experimental.pallas import tpu as pltpu
 
