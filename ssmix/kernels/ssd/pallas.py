@@ -31,10 +31,15 @@ Two variants of the same chunk body, chosen at trace time from :func:`ssmix.auto
 ``interpret=None`` runs the kernel in Pallas interpret mode when ``jax.default_backend()`` is
 CPU and compiled elsewhere.
 
-Backward: **not a Pallas kernel**. The gradient is a ``custom_vjp`` whose backward is JAX's
-VJP of the loop-free parallel form (:func:`ssmix.kernels.ssd.parallel.ssd_parallel`) on the
-saved inputs: the forward is fused, the backward runs in XLA (it recomputes the parallel
-forward's intermediates). Forward-mode differentiation is not supported.
+Backward (``custom_vjp``): a second kernel of the same two variants walks the chunks in
+reverse carrying the state cotangent ``(P, N)`` on chip (the TPU grid's chunk index map runs
+backwards; the GPU loop counts down). The forward saves the state entering every chunk,
+``(b, Hh, nc, P, N)`` (``N/Q`` of the input's size, as mamba's chunk states), so the backward
+recomputes nothing sequential. Per chunk it forms the cotangents of ``dt·x``, of ``B`` and
+``C`` (per head; summed over each group's heads in XLA) and of the log-decay ``cs`` with
+matmuls of the same shapes as the forward; the reverse cumulative sum of ``dcs`` into
+``dt`` and ``A`` and the ``x``/``dt`` products are elementwise XLA work after the kernel.
+Forward-mode differentiation is not supported.
 """
 
 from __future__ import annotations
@@ -49,7 +54,6 @@ from jax.experimental import pallas as pl
 
 from ssmix._backend import resolve_backend
 from ssmix.kernels.ssd.common import pad_to_chunks
-from ssmix.kernels.ssd.parallel import ssd_parallel
 
 __all__ = ["ssd_pallas", "resolve_interpret", "kernel_target"]
 
@@ -100,110 +104,218 @@ def _chunk(x, dt, cs_col, cs_row, Bm, Cm, state):
     return y, new_state
 
 
-def _tpu_kernel(x_ref, dt_ref, csc_ref, csr_ref, b_ref, c_ref, h0_ref, y_ref, state_ref):
+def _chunk_bwd(x, dt, cs_col, cs_row, Bm, Cm, state, dy, dstate):
+    """Reverse of :func:`_chunk`: ``state`` entering the chunk, ``dy (Q, P)`` and the
+    cotangent ``dstate (P, N)`` of the state after the chunk -> ``((du (Q, P), dB (Q, N),
+    dC (Q, N), dcs (Q, 1)), cotangent of the entering state (P, N))`` with ``u = dt·x`` and
+    ``cs`` the within-chunk cumulative log-decay."""
+    Q = x.shape[0]
+    u = x * dt
+    row = lax.broadcasted_iota(jnp.int32, (Q, Q), 0)
+    col = lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
+    causal = row >= col
+    diff = lax.select(causal, cs_col - cs_row, jnp.zeros((Q, Q), x.dtype))
+    decay = lax.select(causal, jnp.exp(diff), jnp.zeros((Q, Q), x.dtype))
+    last_row = lax.broadcasted_iota(jnp.int32, (1, Q), 1) == Q - 1
+    total = jnp.sum(lax.select(last_row, cs_row, jnp.zeros_like(cs_row)), axis=1, keepdims=True)
+    e_cs = jnp.exp(cs_col)  # (Q, 1): entering state -> row i
+    to_end = jnp.exp(total - cs_col)  # (Q, 1): row j -> state after the chunk
+    e_total = jnp.exp(total)  # (1, 1)
+    CB = _dot(Cm, Bm, (1, 1))  # (Q, Q)
+    scores = CB * decay
+    dS_B = _dot(Bm, dstate, (1, 1))  # (Q, P): dstate B_j
+    du = _dot(scores, dy, (0, 0)) + to_end * dS_B
+    Wd = _dot(dy, u, (1, 1)) * decay  # (Q, Q): dy_i·u_j·exp(cs_i − cs_j), j ≤ i
+    dC = _dot(Wd, Bm, (1, 0)) + e_cs * _dot(dy, state, (1, 0))
+    dB = _dot(Wd, Cm, (0, 0)) + to_end * _dot(u, dstate, (1, 0))
+    W = Wd * CB
+    ones = jnp.ones((Q, 1), x.dtype)
+    from_state = e_cs * jnp.sum(dy * _dot(Cm, state, (1, 1)), axis=1, keepdims=True)
+    to_state = to_end * jnp.sum(u * dS_B, axis=1, keepdims=True)
+    dcs = _dot(W, ones, (1, 0)) - _dot(W, ones, (0, 0)) + from_state - to_state
+    d_total = e_total * jnp.sum(
+        jnp.sum(dstate * state, axis=1, keepdims=True), axis=0, keepdims=True
+    )
+    d_total = d_total + jnp.sum(to_state, axis=0, keepdims=True)  # (1, 1)
+    last_col = lax.broadcasted_iota(jnp.int32, (Q, 1), 0) == Q - 1
+    dcs = dcs + lax.select(last_col, jnp.broadcast_to(d_total, (Q, 1)), jnp.zeros((Q, 1), x.dtype))
+    d_entering = e_total * dstate + _dot(dy * e_cs, Cm, (0, 0))
+    return (du, dB, dC, dcs), d_entering
+
+
+def _forward_body(x, dt, cs_col, cs_row, Bm, Cm, state):
+    y, new_state = _chunk(x, dt, cs_col, cs_row, Bm, Cm, state)
+    return (y, state), new_state
+
+
+def _tpu_kernel(body, n_in, *refs):
+    """One chunk per grid step; the carry lives in the last output block (resident: its
+    index does not depend on the chunk), seeded from the last input at the first step."""
+    ins, outs = refs[:n_in], refs[n_in:]
+
     @pl.when(pl.program_id(2) == 0)
     def _():
-        state_ref[...] = h0_ref[...]
+        outs[-1][...] = ins[-1][...]
 
-    y, state = _chunk(
-        x_ref[...],
-        dt_ref[...],
-        csc_ref[...],
-        csr_ref[...],
-        b_ref[...],
-        c_ref[...],
-        state_ref[...],
-    )
-    y_ref[...] = y.astype(y_ref.dtype)
-    state_ref[...] = state
+    results, carry = body(*(r[...] for r in ins[:-1]), outs[-1][...])
+    for ref, val in zip(outs[:-1], results, strict=True):
+        ref[...] = val.astype(ref.dtype)
+    outs[-1][...] = carry
 
 
-def _gpu_kernel(x_ref, dt_ref, csc_ref, csr_ref, b_ref, c_ref, h0_ref, y_ref, state_ref):
-    nc = x_ref.shape[0]
+def _gpu_kernel(body, n_in, reverse, *refs):
+    """All chunks of one (batch, head): a loop inside the kernel carrying the state."""
+    ins, outs = refs[:n_in], refs[n_in:]
+    nc = ins[0].shape[0]
 
-    def step(c, state):
-        y, state = _chunk(x_ref[c], dt_ref[c], csc_ref[c], csr_ref[c], b_ref[c], c_ref[c], state)
-        y_ref[c] = y.astype(y_ref.dtype)
-        return state
+    def step(k, carry):
+        c = nc - 1 - k if reverse else k
+        results, carry = body(*(r[c] for r in ins[:-1]), carry)
+        for ref, val in zip(outs[:-1], results, strict=True):
+            ref[c] = val.astype(ref.dtype)
+        return carry
 
-    state_ref[...] = lax.fori_loop(0, nc, step, h0_ref[...])
+    outs[-1][...] = lax.fori_loop(0, nc, step, ins[-1][...])
 
 
-def _forward(x, dt, A, B, C, h0, chunk_size, interpret, target):
-    b, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
-    R = H // G
-    Q, nc, (x, dt, B, C) = pad_to_chunks(x, dt, B, C, chunk_size)
-    cs = jnp.cumsum((dt * A).reshape(b, nc, Q, H), axis=2)  # ≤ 0, non-increasing per chunk
-    per_head = lambda v: jnp.moveaxis(v, 3, 1)  # (b, nc, Q, H, …) -> (b, H, nc, Q, …)  # noqa: E731
-    xh = per_head(x.reshape(b, nc, Q, H, P))
-    dth = per_head(dt.reshape(b, nc, Q, H, 1))
-    csc = per_head(cs[..., None])
-    csr = jnp.swapaxes(csc, -1, -2)  # (b, H, nc, 1, Q)
-    Bg = per_head(B.reshape(b, nc, Q, G, N))
-    Cg = per_head(C.reshape(b, nc, Q, G, N))
-    dtype = x.dtype
-    out_shape = (
-        jax.ShapeDtypeStruct((b, H, nc, Q, P), dtype),
-        jax.ShapeDtypeStruct((b, H, P, N), dtype),
-    )
+def _launch(body, ins, outs, *, R, nc, reverse, interpret, target):
+    """Run ``body`` over the chunks of every (batch, head) in one ``pallas_call``.
+
+    ``ins``/``outs``: ``(array or ShapeDtypeStruct, kind)`` with kind ``"head"``
+    ``(b, Hh, nc, …)``, ``"group"`` ``(b, G, nc, …)`` (head h reads group h // R) or
+    ``"state"`` ``(b, Hh, P, N)``; the last input and output are the carry's start and end.
+    """
+    b, H = outs[0][0].shape[:2]
     if target == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        # One chunk per grid step; the chunk axis is sequential ("arbitrary").
-        grid, lead, kernel = (b, H, nc), (None, None, None), _tpu_kernel
+        grid, lead = (b, H, nc), (None, None, None)
+        chunk = (lambda c: nc - 1 - c) if reverse else (lambda c: c)
+        index = {
+            "head": lambda i, h, c: (i, h, chunk(c), 0, 0),
+            "group": lambda i, h, c: (i, lax.div(h, np.int32(R)), chunk(c), 0, 0),
+            "state": lambda i, h, c: (i, h, 0, 0),
+        }
+        kernel = functools.partial(_tpu_kernel, body, len(ins))
         params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-        head_index = lambda i, h, c: (i, h, c, 0, 0)  # noqa: E731
-        group_index = lambda i, h, c: (i, lax.div(h, np.int32(R)), c, 0, 0)  # noqa: E731
-        state_index = lambda i, h, c: (i, h, 0, 0)  # noqa: E731
     else:
         from jax.experimental.pallas import triton as pltriton
 
-        # All chunks of one (batch, head) per program; the kernel loops over them.
-        grid, lead, kernel = (b, H), (None, None, nc), _gpu_kernel
+        grid, lead = (b, H), (None, None, nc)
+        index = {
+            "head": lambda i, h: (i, h, 0, 0, 0),
+            "group": lambda i, h: (i, lax.div(h, np.int32(R)), 0, 0, 0),
+            "state": lambda i, h: (i, h, 0, 0),
+        }
+        kernel = functools.partial(_gpu_kernel, body, len(ins), reverse)
         params = pltriton.CompilerParams(num_warps=4, num_stages=1)
-        head_index = lambda i, h: (i, h, 0, 0, 0)  # noqa: E731
-        group_index = lambda i, h: (i, lax.div(h, np.int32(R)), 0, 0, 0)  # noqa: E731
-        state_index = lambda i, h: (i, h, 0, 0)  # noqa: E731
-    per_head_spec = lambda *tail: pl.BlockSpec((*lead, *tail), head_index)  # noqa: E731
-    group_spec = pl.BlockSpec((*lead, Q, N), group_index)
-    state_spec = pl.BlockSpec((None, None, P, N), state_index)
-    in_specs = [
-        per_head_spec(Q, P),  # x
-        per_head_spec(Q, 1),  # dt
-        per_head_spec(Q, 1),  # cs as a column
-        per_head_spec(1, Q),  # cs as a row
-        group_spec,  # B
-        group_spec,  # C
-        state_spec,  # h0
-    ]
-    out_specs = (per_head_spec(Q, P), state_spec)
-    y, final = pl.pallas_call(
+
+    def spec(v, kind):
+        if kind == "state":
+            return pl.BlockSpec((None, None, *v.shape[2:]), index[kind])
+        return pl.BlockSpec((*lead, *v.shape[3:]), index[kind])
+
+    return pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=tuple(v for v, _ in outs),
         grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
+        in_specs=[spec(v, k) for v, k in ins],
+        out_specs=tuple(spec(v, k) for v, k in outs),
         compiler_params=params,
         interpret=interpret,
-    )(xh, dth, csc, csr, Bg, Cg, h0)
+    )(*(v for v, _ in ins))
+
+
+def _prepare(x, dt, A, B, C, chunk_size):
+    """Pad to chunks and lay the inputs out per head: ``(Q, nc, x (b, Hh, nc, Q, P),
+    dt, cs_col (b, Hh, nc, Q, 1), cs_row (b, Hh, nc, 1, Q), B, C (b, G, nc, Q, N))``."""
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    Q, nc, (x, dt, B, C) = pad_to_chunks(x, dt, B, C, chunk_size)
+    cs = jnp.cumsum((dt * A).reshape(b, nc, Q, H), axis=2)  # ≤ 0, non-increasing per chunk
+    per_head = lambda v: jnp.moveaxis(v, 3, 1)  # (b, nc, Q, H, …) -> (b, H, nc, Q, …)  # noqa: E731
+    csc = per_head(cs[..., None])
+    return (
+        Q,
+        nc,
+        per_head(x.reshape(b, nc, Q, H, P)),
+        per_head(dt.reshape(b, nc, Q, H, 1)),
+        csc,
+        jnp.swapaxes(csc, -1, -2),
+        per_head(B.reshape(b, nc, Q, G, N)),
+        per_head(C.reshape(b, nc, Q, G, N)),
+    )
+
+
+def _forward(x, dt, A, B, C, h0, chunk_size, interpret, target):
+    """``(y, final state)`` and the state entering every chunk ``(b, Hh, nc, P, N)``."""
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    Q, nc, xh, dth, csc, csr, Bg, Cg = _prepare(x, dt, A, B, C, chunk_size)
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, x.dtype)  # noqa: E731
+    ins = [(xh, "head"), (dth, "head"), (csc, "head"), (csr, "head")]
+    ins += [(Bg, "group"), (Cg, "group"), (h0, "state")]
+    outs = [(sds(b, H, nc, Q, P), "head"), (sds(b, H, nc, P, N), "head")]
+    outs += [(sds(b, H, P, N), "state")]
+    y, states, final = _launch(
+        _forward_body,
+        ins,
+        outs,
+        R=H // G,
+        nc=nc,
+        reverse=False,
+        interpret=interpret,
+        target=target,
+    )
     y = jnp.moveaxis(y, 1, 3).reshape(b, nc * Q, H, P)[:, :L]
-    return y, final
+    return (y, final), states
+
+
+def _backward(x, dt, A, B, C, states, dy, dfinal, chunk_size, interpret, target):
+    """Cotangents of ``(x, dt, A, B, C, h0)``: one kernel walking the chunks in reverse with
+    the state cotangent on chip, then elementwise work and sums over heads in XLA."""
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    R = H // G
+    Q, nc, xh, dth, csc, csr, Bg, Cg = _prepare(x, dt, A, B, C, chunk_size)
+    dy = jnp.pad(dy, ((0, 0), (0, nc * Q - L), (0, 0), (0, 0)))
+    dyh = jnp.moveaxis(dy.reshape(b, nc, Q, H, P), 3, 1)
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, x.dtype)  # noqa: E731
+    ins = [(xh, "head"), (dth, "head"), (csc, "head"), (csr, "head")]
+    ins += [(Bg, "group"), (Cg, "group"), (states, "head"), (dyh, "head"), (dfinal, "state")]
+    outs = [(sds(b, H, nc, Q, P), "head"), (sds(b, H, nc, Q, N), "head")]
+    outs += [(sds(b, H, nc, Q, N), "head"), (sds(b, H, nc, Q, 1), "head")]
+    outs += [(sds(b, H, P, N), "state")]
+    du, dBh, dCh, dcs, dh0 = _launch(
+        _chunk_bwd, ins, outs, R=R, nc=nc, reverse=True, interpret=interpret, target=target
+    )
+    back = lambda v: jnp.moveaxis(v, 1, 3).reshape(b, nc * Q, H, *v.shape[4:])[:, :L]  # noqa: E731
+    du = back(du)
+    # cs = within-chunk cumsum of dt·A: its cotangent is a reverse cumsum inside each chunk.
+    dcs = dcs[..., 0]  # (b, H, nc, Q)
+    d_dtA = jnp.flip(jnp.cumsum(jnp.flip(dcs, -1), axis=-1), -1)
+    d_dtA = jnp.moveaxis(d_dtA, 1, 3).reshape(b, nc * Q, H)[:, :L]
+    dx = du * dt[..., None]
+    ddt = jnp.sum(du * x, axis=-1) + d_dtA * A
+    dA = jnp.sum(d_dtA * dt, axis=(0, 1))
+    group_sum = lambda v: back(v).reshape(b, L, G, R, N).sum(axis=3)  # noqa: E731
+    return dx, ddt, dA, group_sum(dBh), group_sum(dCh), dh0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _ssd_fused(x, dt, A, B, C, h0, chunk_size, interpret, target):
-    return _forward(x, dt, A, B, C, h0, chunk_size, interpret, target)
+    return _forward(x, dt, A, B, C, h0, chunk_size, interpret, target)[0]
 
 
 def _ssd_fused_fwd(x, dt, A, B, C, h0, chunk_size, interpret, target):
-    out = _forward(x, dt, A, B, C, h0, chunk_size, interpret, target)
-    return out, (x, dt, A, B, C, h0)
+    out, states = _forward(x, dt, A, B, C, h0, chunk_size, interpret, target)
+    return out, (x, dt, A, B, C, states)
 
 
 def _ssd_fused_bwd(chunk_size, interpret, target, saved, cotangents):
-    _, vjp = jax.vjp(lambda *a: ssd_parallel(*a, chunk_size), *saved)
-    return vjp(cotangents)
+    x, dt, A, B, C, states = saved
+    dy, dfinal = cotangents
+    return _backward(x, dt, A, B, C, states, dy, dfinal, chunk_size, interpret, target)
 
 
 _ssd_fused.defvjp(_ssd_fused_fwd, _ssd_fused_bwd)
@@ -215,7 +327,7 @@ def ssd_pallas(x, dt, A, B, C, h0, chunk_size, *, interpret=None, target=None):
 
     ``interpret``: Pallas interpret mode (None: on a CPU default backend). ``target``:
     ``"tpu"`` or ``"gpu"`` kernel variant (None: :func:`kernel_target`). Differentiable in
-    reverse mode only; the backward is the parallel form's VJP in XLA (module docstring).
+    reverse mode only, by the backward kernel (module docstring).
     """
     interpret = resolve_interpret(interpret)
     target = kernel_target() if target is None else target
