@@ -611,8 +611,13 @@ def run(args) -> dict:
                         failed[case.key] = "error"
                     _free_torch()
                 records.append(rec)
-                status = rec.get("skipped") or f"{rec['seconds'] * 1e3:.2f} ms"
-                print(f"  L={L} {case.key}: {status}", file=sys.stderr, flush=True)
+                status = rec.get("skipped") or (
+                    f"{rec['seconds'] * 1e3:.2f} ms x{rec['repeats']}, "
+                    f"compile {rec['compile_seconds']:.1f} s"
+                )
+                elapsed = time.perf_counter() - start
+                line = f"  [{elapsed:4.0f} s] L={L} {case.key}: {status}"
+                print(line, file=sys.stderr, flush=True)
                 gc.collect()
     header["total_seconds"] = time.perf_counter() - start
     header["records"] = records
