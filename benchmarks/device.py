@@ -23,7 +23,10 @@ Times the gradient (forward + backward, median of ``--repeats`` runs after one w
   ``torch.cuda.synchronize``. ``mamba_ssm/__init__.py`` (which needs the compiled CUDA
   extensions) is bypassed: only the pure Triton / torch files are imported.
 
-at L = 1k, 4k, 16k and 64k (``--lengths``), with B and H fixed and printed. The table has one
+at L = 1k, 4k, 16k and 64k (``--lengths``), with B and H fixed and printed: B = 4
+(``--batch``); layers H = 128 (``--features``); linear_scan a complex state of 256;
+ssd / quasiseparable 8 heads, head dim 64, state 64, one group; the S4 power kernel 256
+features, N = 64 (LegS). All float32. The table has one
 row per form and one column per length; a cell is milliseconds, followed by the ratio to the
 row's anchor at that length (this time / anchor time: below 1× is faster than the anchor) —
 ssmix S5 against the S5 anchor, the ssmix SSD forms against mamba's Triton kernel. A cell
@@ -33,8 +36,10 @@ budget, an error) and the reasons are listed under the table.
 Guards, so the whole run fits in 8 minutes on one H100: lengths run shortest first for every
 row; a row whose compiled plan exceeds the device memory is skipped as ``OOM``; a row whose
 previous length took so long that the projected call (linear in L, quadratic for Attention)
-exceeds ``--row-seconds`` is skipped; repeats shrink so one row's calls stay within
-``--row-seconds``; after ``--max-seconds`` every remaining row is skipped.
+exceeds ``--row-seconds`` (6) is skipped; repeats shrink so one row's calls stay within
+``--row-seconds``; after ``--max-seconds`` (400) every remaining row is skipped. (Not yet
+run on a GPU: the budget is an estimate, about 94 compiled programs; every record holds its
+compile time, so a first run shows where the time went.)
 
 ``--only`` picks rows (``"group: form"`` as in the table, or a whole group). The
 ``"auto"`` forms resolve from ``jax.default_backend()`` (:func:`ssmix.auto_backend`), so
