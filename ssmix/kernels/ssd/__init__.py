@@ -13,7 +13,7 @@ i.e. ``y = M x`` with the lower-triangular (semiseparable) matrix
 ``reverse=True`` runs it from the end (``h_t = exp(dt_t·A)·h_{t+1} + dt_t·x_t B_tᵀ``), which is
 the same as flipping every input along the length, running forward and flipping ``y`` back.
 
-Four methods compute the same thing, one file each:
+Five methods compute the same thing, one file each:
 
 - ``"chunked"`` (:mod:`.chunked`): chunks of ``Q`` steps, the quadratic form inside a chunk
   and one ``lax.fori_loop`` over the chunks carrying the ``(P, N)`` states, with a
@@ -25,6 +25,10 @@ Four methods compute the same thing, one file each:
 - ``"sequential"`` (:mod:`.sequential`): one ``lax.scan`` step per position.
 - ``"materialized"`` (:mod:`.naive`): build ``M`` explicitly (:func:`ssd_matrix`), O(L²);
   the oracle.
+- ``"pallas"`` (:mod:`.pallas`): one fused Pallas kernel per (batch, head) walking the
+  chunks with the ``(P, N)`` state on chip, and a reverse kernel as its gradient; Mosaic on
+  TPU, Triton on GPU, interpret mode on CPU (``interpret=None``). Explicit only: ``"auto"``
+  does not pick it until it has been measured faster on a device.
 
 ``method="auto"`` (the default) picks by :func:`auto_method` from the backend
 (:func:`ssmix.auto_backend`): ``"chunked"`` on CPU (measured fastest there), ``"parallel"``
