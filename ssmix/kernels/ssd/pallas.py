@@ -129,10 +129,15 @@ def _chunk_bwd(x, dt, cs_col, cs_row, Bm, Cm, state, dy, dstate):
     dC = _dot(Wd, Bm, (1, 0)) + e_cs * _dot(dy, state, (1, 0))
     dB = _dot(Wd, Cm, (0, 0)) + to_end * _dot(u, dstate, (1, 0))
     W = Wd * CB
-    ones = jnp.ones((Q, 1), x.dtype)
     from_state = e_cs * jnp.sum(dy * _dot(Cm, state, (1, 1)), axis=1, keepdims=True)
     to_state = to_end * jnp.sum(u * dS_B, axis=1, keepdims=True)
-    dcs = _dot(W, ones, (1, 0)) - _dot(W, ones, (0, 0)) + from_state - to_state
+    # Row sums minus column sums of W; the column sums (1, Q) are moved to a (Q, 1) column
+    # through the diagonal (no transpose, no matmul with a width-1 operand: Triton's dots
+    # need every dimension ≥ 16).
+    col_sums = jnp.sum(W, axis=0, keepdims=True)
+    eye = row == col
+    col_sums = jnp.sum(lax.select(eye, jnp.broadcast_to(col_sums, (Q, Q)), jnp.zeros_like(W)), 1)
+    dcs = jnp.sum(W, axis=1, keepdims=True) - col_sums[:, None] + from_state - to_state
     d_total = e_total * jnp.sum(
         jnp.sum(dstate * state, axis=1, keepdims=True), axis=0, keepdims=True
     )
