@@ -85,21 +85,28 @@ def _dot(a, b, contract):
     )
 
 
-def _chunk(x, dt, cs_col, cs_row, Bm, Cm, state):
-    """One chunk: ``x (Q, P)``, ``dt, cs_col (Q, 1)``, ``cs_row (1, Q)``, ``Bm, Cm (Q, N)``,
-    entering ``state (P, N)`` -> ``(y (Q, P), state after the chunk (P, N))``."""
-    Q = x.shape[0]
-    u = x * dt
+def _chunk_decay(cs_col, cs_row):
+    """The chunk's causal decay ``exp(cs_i − cs_j)`` for ``j ≤ i`` (zero above the diagonal)
+    ``(Q, Q)`` and its total log-decay ``cs[Q − 1]`` ``(1, 1)``, the latter as a masked
+    reduction (no scalar extraction inside a kernel)."""
+    Q = cs_col.shape[0]
     row = lax.broadcasted_iota(jnp.int32, (Q, Q), 0)
     col = lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
     causal = row >= col
-    diff = lax.select(causal, cs_col - cs_row, jnp.zeros((Q, Q), x.dtype))
-    decay = lax.select(causal, jnp.exp(diff), jnp.zeros((Q, Q), x.dtype))
-    scores = _dot(Cm, Bm, (1, 1)) * decay  # (Q, Q): C_i·B_j·exp(cs_i − cs_j), j ≤ i
-    y = _dot(scores, u, (1, 0)) + jnp.exp(cs_col) * _dot(Cm, state, (1, 1))
-    # The chunk's total log-decay cs[Q − 1] as a masked reduction (no scalar extraction).
+    zeros = jnp.zeros((Q, Q), cs_col.dtype)
+    decay = lax.select(causal, jnp.exp(lax.select(causal, cs_col - cs_row, zeros)), zeros)
     last = lax.broadcasted_iota(jnp.int32, (1, Q), 1) == Q - 1
     total = jnp.sum(lax.select(last, cs_row, jnp.zeros_like(cs_row)), axis=1, keepdims=True)
+    return decay, total
+
+
+def _chunk(x, dt, cs_col, cs_row, Bm, Cm, state):
+    """One chunk: ``x (Q, P)``, ``dt, cs_col (Q, 1)``, ``cs_row (1, Q)``, ``Bm, Cm (Q, N)``,
+    entering ``state (P, N)`` -> ``(y (Q, P), state after the chunk (P, N))``."""
+    u = x * dt
+    decay, total = _chunk_decay(cs_col, cs_row)
+    scores = _dot(Cm, Bm, (1, 1)) * decay  # (Q, Q): C_i·B_j·exp(cs_i − cs_j), j ≤ i
+    y = _dot(scores, u, (1, 0)) + jnp.exp(cs_col) * _dot(Cm, state, (1, 1))
     new_state = jnp.exp(total) * state + _dot(u * jnp.exp(total - cs_col), Bm, (0, 0))
     return y, new_state
 
@@ -111,13 +118,7 @@ def _chunk_bwd(x, dt, cs_col, cs_row, Bm, Cm, state, dy, dstate):
     ``cs`` the within-chunk cumulative log-decay."""
     Q = x.shape[0]
     u = x * dt
-    row = lax.broadcasted_iota(jnp.int32, (Q, Q), 0)
-    col = lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
-    causal = row >= col
-    diff = lax.select(causal, cs_col - cs_row, jnp.zeros((Q, Q), x.dtype))
-    decay = lax.select(causal, jnp.exp(diff), jnp.zeros((Q, Q), x.dtype))
-    last_row = lax.broadcasted_iota(jnp.int32, (1, Q), 1) == Q - 1
-    total = jnp.sum(lax.select(last_row, cs_row, jnp.zeros_like(cs_row)), axis=1, keepdims=True)
+    decay, total = _chunk_decay(cs_col, cs_row)
     e_cs = jnp.exp(cs_col)  # (Q, 1): entering state -> row i
     to_end = jnp.exp(total - cs_col)  # (Q, 1): row j -> state after the chunk
     e_total = jnp.exp(total)  # (1, 1)
@@ -135,7 +136,7 @@ def _chunk_bwd(x, dt, cs_col, cs_row, Bm, Cm, state, dy, dstate):
     # through the diagonal (no transpose, no matmul with a width-1 operand: Triton's dots
     # need every dimension ≥ 16).
     col_sums = jnp.sum(W, axis=0, keepdims=True)
-    eye = row == col
+    eye = lax.broadcasted_iota(jnp.int32, (Q, Q), 0) == lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
     col_sums = jnp.sum(lax.select(eye, jnp.broadcast_to(col_sums, (Q, Q)), jnp.zeros_like(W)), 1)
     dcs = jnp.sum(W, axis=1, keepdims=True) - col_sums[:, None] + from_state - to_state
     d_total = e_total * jnp.sum(
