@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import jax
 
-__all__ = ["BACKENDS", "auto_backend", "resolve_backend"]
+__all__ = ["BACKENDS", "auto_backend", "pallas_interpret", "pallas_variant", "resolve_backend"]
 
 #: The backends the ``"auto"`` rules know.
 BACKENDS = ("cpu", "gpu", "tpu")
@@ -72,3 +72,20 @@ def auto_backend(name: str | None = None):
 def resolve_backend(backend: str | None) -> str:
     """``backend`` checked against :data:`BACKENDS`, or :func:`auto_backend` when ``None``."""
     return auto_backend() if backend is None else _check(backend)
+
+
+def pallas_interpret(interpret: bool | None) -> bool:
+    """A Pallas kernel's ``interpret`` option: None means Pallas's interpreter exactly when
+    ``jax.default_backend()`` is the CPU (where there is no compiled Pallas), compiled
+    elsewhere."""
+    if interpret is None:
+        return jax.default_backend() == "cpu"
+    return bool(interpret)
+
+
+def pallas_variant(backend: str | None = None) -> str:
+    """Which variant of ssmix's Pallas kernels to trace for ``backend`` (None:
+    :func:`auto_backend`): ``"gpu"`` (Triton: programs run concurrently, so a sequence is
+    walked by a loop inside one program) under the GPU rules, ``"tpu"`` (Mosaic: the
+    sequence on a sequential grid axis; also what the CPU interpreter runs) otherwise."""
+    return "gpu" if resolve_backend(backend) == "gpu" else "tpu"

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import pytest
 
 import ssmix
+from ssmix._backend import pallas_interpret, pallas_variant
 from ssmix.kernels.ssd import METHODS, auto_method, quasiseparable, ssd
-from ssmix.kernels.ssd.pallas import kernel_target, resolve_interpret
 from ssmix.testing import check_equivalent
 
 #: The method under test, kept apart from test_ssd.METHODS (see the module docstring).
@@ -59,9 +59,9 @@ def test_pallas_is_explicit_only_and_interprets_on_cpu():
     assert PALLAS in METHODS
     for backend in ("cpu", "gpu", "tpu"):
         assert auto_method(backend) != PALLAS
-    assert resolve_interpret(None) is (jax.default_backend() == "cpu")
-    assert resolve_interpret(False) is False
-    assert [kernel_target(b) for b in ("cpu", "gpu", "tpu")] == ["tpu", "gpu", "tpu"]
+    assert pallas_interpret(None) is (jax.default_backend() == "cpu")
+    assert pallas_interpret(False) is False
+    assert [pallas_variant(b) for b in ("cpu", "gpu", "tpu")] == ["tpu", "gpu", "tpu"]
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ssmix._backend import resolve_backend
+from ssmix._backend import pallas_interpret, pallas_variant, resolve_backend
 from ssmix._checks import check_choice, check_positive_int
 from ssmix.kernels.scan import chunked as _chunked
 from ssmix.kernels.scan import parallel as _parallel
@@ -135,9 +135,7 @@ def _pallas_options(method, backend, interpret):
     (also the interpreter's on CPU) otherwise."""
     if method != "pallas":
         return None
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    return ("gpu" if backend == "gpu" else "tpu", bool(interpret))
+    return pallas_variant(backend), pallas_interpret(interpret)
 
 
 @functools.partial(

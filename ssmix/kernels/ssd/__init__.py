@@ -59,7 +59,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ssmix._backend import resolve_backend
+from ssmix._backend import pallas_interpret, pallas_variant, resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int
 from ssmix.kernels.ssd.chunked import ssd_chunked
 from ssmix.kernels.ssd.common import (
@@ -75,7 +75,7 @@ from ssmix.kernels.ssd.naive import (
     ssd_matrix_naive,
     ssd_naive,
 )
-from ssmix.kernels.ssd.pallas import kernel_target, resolve_interpret, ssd_pallas
+from ssmix.kernels.ssd.pallas import ssd_pallas
 from ssmix.kernels.ssd.parallel import ssd_parallel
 from ssmix.kernels.ssd.sequential import ssd_sequential
 
@@ -287,7 +287,7 @@ def _pallas_options(method, interpret):
     on them; None for the other methods."""
     if method != "pallas":
         return None
-    return resolve_interpret(interpret), kernel_target()
+    return pallas_interpret(interpret), pallas_variant()
 
 
 def _form(method, pallas):

@@ -52,24 +52,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ssmix._backend import resolve_backend
+from ssmix._backend import pallas_interpret, pallas_variant
 from ssmix.kernels.ssd.common import pad_to_chunks
 
-__all__ = ["ssd_pallas", "resolve_interpret", "kernel_target"]
-
-
-def resolve_interpret(interpret: bool | None) -> bool:
-    """``interpret=None`` -> interpret mode exactly when ``jax.default_backend()`` is CPU."""
-    if interpret is None:
-        return jax.default_backend() == "cpu"
-    return bool(interpret)
-
-
-def kernel_target(backend: str | None = None) -> str:
-    """The kernel variant for a backend: ``"gpu"`` (chunk loop inside each program, Triton)
-    on GPU, ``"tpu"`` (chunk axis as the sequential grid axis, Mosaic) on TPU and CPU.
-    ``backend=None`` means :func:`ssmix.auto_backend`."""
-    return "gpu" if resolve_backend(backend) == "gpu" else "tpu"
+__all__ = ["ssd_pallas"]
 
 
 def _dot(a, b, contract):
@@ -332,11 +318,11 @@ def ssd_pallas(x, dt, A, B, C, h0, chunk_size, *, interpret=None, target=None):
     promoted inputs as in :func:`ssmix.kernels.ssd.ssd` (``h0`` or None).
 
     ``interpret``: Pallas interpret mode (None: on a CPU default backend). ``target``:
-    ``"tpu"`` or ``"gpu"`` kernel variant (None: :func:`kernel_target`). Differentiable in
-    reverse mode only, by the backward kernel (module docstring).
+    ``"tpu"`` or ``"gpu"`` kernel variant (None: :func:`ssmix._backend.pallas_variant`).
+    Differentiable in reverse mode only, by the backward kernel (module docstring).
     """
-    interpret = resolve_interpret(interpret)
-    target = kernel_target() if target is None else target
+    interpret = pallas_interpret(interpret)
+    target = pallas_variant() if target is None else target
     if target not in ("tpu", "gpu"):
         raise ValueError(f"target must be 'tpu' or 'gpu'; got {target!r}")
     if h0 is None:
