@@ -38,3 +38,36 @@ def check_even(name: str, value: Any) -> int:
             f"{name} must be even (the state is stored as {name}/2 conjugate pairs); got {value}"
         )
     return value
+
+
+def check_sequence_input(x: Any, mask: Any, features: int, *, name: str = "x") -> None:
+    """The one input rule of every sequence layer.
+
+    ``x`` must be a floating-point array of shape ``(B, L, features)`` with ``L >= 1``
+    (integer input would be truncated on the way out: ``TypeError``); ``mask`` is ``None`` or
+    a **boolean** ``(B, L)`` array, True = valid position (a float weight such as 0.3 is not a
+    validity flag: ``TypeError``, convert with ``mask > 0``).
+    """
+    import jax.numpy as jnp
+
+    check_ndim(name, x, 3, f"(B, L, {features})")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array (float32, float64, bfloat16, ...); got "
+            f"{x.dtype}: cast it, e.g. {name}.astype(jnp.float32), or embed integer tokens first"
+        )
+    if x.shape[-1] != features:
+        raise ValueError(f"{name} must have shape (B, L, {features}); got {x.shape}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} must have a positive length (axis 1); got shape {x.shape}")
+    if mask is not None:
+        dtype = getattr(mask, "dtype", None)
+        if dtype is None or jnp.dtype(dtype) != jnp.bool_:
+            raise TypeError(
+                f"mask must be a boolean array of shape (B, L), True = valid position; got "
+                f"{dtype if dtype is not None else type(mask).__name__} (convert with mask > 0)"
+            )
+        if tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"mask must have shape (B, L) = {tuple(x.shape[:2])}; got {mask.shape}"
+            )
