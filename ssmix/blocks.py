@@ -53,6 +53,15 @@ _ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def check_momentum(momentum: float) -> float:
+    """Return ``momentum`` if it is a number in ``[0, 1)``, else raise ``ValueError``."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise ValueError(f"norm_momentum must be a number in [0, 1); got {momentum!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"norm_momentum must be in [0, 1); got {momentum!r}")
+    return float(momentum)
+
+
 def dense(linear: nnx.Linear, x: jax.Array) -> jax.Array:
     """Apply ``linear`` to ``x (..., in)`` as one 2-D matmul: ``(..., out)``.
 
@@ -67,17 +76,27 @@ class Norm(nnx.Module):
     """Normalisation over the feature axis of ``x (B, L, H)``: ``layer``, ``batch`` or ``rms``.
 
     ``batch`` normalises with statistics over batch and length; with ``mask (B, L)`` only valid
-    positions enter the statistics.
+    positions enter the statistics. Its running averages follow
+    ``r ← momentum·r + (1 − momentum)·batch_stat`` (Flax's convention; PyTorch's
+    ``momentum=0.1`` is ``momentum=0.9`` here). ``momentum`` is unused by the other kinds.
     """
 
-    def __init__(self, d_model: int, kind: str = "layer", *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        kind: str = "layer",
+        *,
+        momentum: float = BATCHNORM_MOMENTUM,
+        rngs: nnx.Rngs,
+    ):
         self.kind = check_choice("norm", kind, NORMS)
+        check_momentum(momentum)
         if kind == "layer":
             self.norm = nnx.LayerNorm(d_model, rngs=rngs)
         elif kind == "rms":
             self.norm = nnx.RMSNorm(d_model, rngs=rngs)
         else:
-            self.norm = nnx.BatchNorm(d_model, momentum=BATCHNORM_MOMENTUM, rngs=rngs)
+            self.norm = nnx.BatchNorm(d_model, momentum=float(momentum), rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Normalise ``x (B, L, H)``; ``mask (B, L)`` restricts BatchNorm statistics."""
@@ -107,6 +126,7 @@ class ResidualBlock(nnx.Module):
       glu: ``"none"``, ``"full"``, ``"half1"`` or ``"half2"`` (see above).
       dropout: dropout rate in [0, 1).
       mlp_ratio: hidden size of the optional MLP sub-block as a multiple of H (0: none).
+      norm_momentum: running-average momentum of ``norm="batch"`` (see :class:`Norm`).
       rngs: parameter initialisation keys.
     """
 
@@ -121,6 +141,7 @@ class ResidualBlock(nnx.Module):
         glu: str = "full",
         dropout: float = 0.0,
         mlp_ratio: float = 0.0,
+        norm_momentum: float = BATCHNORM_MOMENTUM,
         rngs: nnx.Rngs,
     ):
         check_positive_int("d_model", d_model)
@@ -137,14 +158,14 @@ class ResidualBlock(nnx.Module):
         self.prenorm = prenorm
         self.activation = activation
         self.glu = glu
-        self.norm = Norm(d_model, norm, rngs=rngs)
+        self.norm = Norm(d_model, norm, momentum=norm_momentum, rngs=rngs)
         out_features = 2 * d_model if glu == "full" else d_model
         self.out = nnx.Linear(d_model, out_features, rngs=rngs)
         # broadcast_dims=(1,): one mask per (example, feature), tied along the length.
         self.dropout = nnx.Dropout(dropout, broadcast_dims=(1,))
         if mlp_ratio > 0:
             hidden = max(1, int(round(mlp_ratio * d_model)))
-            self.mlp_norm = Norm(d_model, norm, rngs=rngs)
+            self.mlp_norm = Norm(d_model, norm, momentum=norm_momentum, rngs=rngs)
             self.mlp_in = nnx.Linear(d_model, hidden, rngs=rngs)
             self.mlp_out = nnx.Linear(hidden, d_model, rngs=rngs)
         else:
@@ -231,8 +252,9 @@ class SequenceModel(nnx.Module):
     Input ``x`` is either integer tokens ``(B, L)`` (when ``vocab_size`` is given: a learned
     embedding) or features ``(B, L, d_input)`` (a linear encoder). The output is logits
     ``(B, n_classes)``, or the pooled features ``(B, d_model)`` when ``n_classes`` is None.
-    Every block uses a fresh mixer ``mixer_factory(d_model, rngs=rngs)``. With pre-norm a
-    final norm is applied before pooling.
+    Every block uses a fresh mixer ``mixer_factory(d_model, rngs=rngs)``. With pre-norm and
+    ``final_norm`` a final norm is applied before pooling (the S4 code's stack); S5's model
+    has none (``final_norm=False``). Post-norm stacks never add one.
 
     Args:
       mixer_factory: ``factory(d_model, rngs=rngs) -> mixer`` (see module docstring).
@@ -244,7 +266,9 @@ class SequenceModel(nnx.Module):
       pooling: ``"mean"``, ``"masked_mean"`` or ``"last"`` (see :func:`pool`).
       positional: ``"none"`` or ``"sinusoidal"`` (added after the encoder; attention needs
         it, SSMs do not).
-      norm, prenorm, activation, glu, dropout, mlp_ratio: as in :class:`ResidualBlock`.
+      norm, prenorm, activation, glu, dropout, mlp_ratio, norm_momentum: as in
+        :class:`ResidualBlock` (``norm_momentum`` also sets the final norm's).
+      final_norm: with ``prenorm``, normalise the last block's output before pooling.
       rngs: parameter initialisation keys.
     """
 
@@ -265,9 +289,14 @@ class SequenceModel(nnx.Module):
         glu: str = "full",
         dropout: float = 0.0,
         mlp_ratio: float = 0.0,
+        final_norm: bool = True,
+        norm_momentum: float = BATCHNORM_MOMENTUM,
         rngs: nnx.Rngs,
     ):
         check_positive_int("n_layers", n_layers)
+        if not isinstance(final_norm, bool):
+            raise TypeError(f"final_norm must be a bool; got {final_norm!r}")
+        check_momentum(norm_momentum)
         check_positive_int("d_model", d_model)
         check_choice("pooling", pooling, POOLINGS)
         self.positional = check_choice("positional", positional, POSITIONALS)
@@ -300,12 +329,17 @@ class SequenceModel(nnx.Module):
                     glu=glu,
                     dropout=dropout,
                     mlp_ratio=mlp_ratio,
+                    norm_momentum=norm_momentum,
                     rngs=rngs,
                 )
                 for _ in range(n_layers)
             ]
         )
-        self.final_norm = Norm(d_model, norm, rngs=rngs) if prenorm else None
+        self.final_norm = (
+            Norm(d_model, norm, momentum=norm_momentum, rngs=rngs)
+            if prenorm and final_norm
+            else None
+        )
         self.head = nnx.Linear(d_model, n_classes, rngs=rngs) if n_classes is not None else None
 
     def encode(
@@ -351,7 +385,8 @@ class RetrievalModel(nnx.Module):
     u, v ``(B, d_model)``; both inputs run as one batch of 2B (BatchNorm statistics cover
     both). ``[u, v, u - v, u * v]`` ``(B, 4·d_model)`` goes through an MLP: linear to
     ``mlp_dim``, activation, linear to ``n_classes``. Remaining keyword arguments (n_layers,
-    d_model, vocab_size or d_input, pooling, norm, ...) configure the encoder.
+    d_model, vocab_size or d_input, pooling, norm, final_norm, norm_momentum, ...) configure
+    the encoder as in :class:`SequenceModel`.
     """
 
     def __init__(

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from ssmix.blocks import (
+    BATCHNORM_MOMENTUM,
     GLUS,
     NORMS,
     Norm,
@@ -119,9 +120,14 @@ def test_dropout_is_tied_across_length_and_off_in_eval():
     assert 0 < int(zeros[:, 0].sum()) < zeros[:, 0].size
     y_train = block(x, rngs=nnx.Rngs(dropout=0))
     block.eval()
-    y_eval1, y_eval2 = block(x), block(x)
-    assert_close(y_eval1, y_eval2, atol=0)
-    assert not np.allclose(np.asarray(y_train), np.asarray(y_eval1))
+    y_eval = block(x)
+    # Reference: the same parameters (same init keys) in a block without dropout.
+    plain = ResidualBlock(
+        CausalMeanMixer(16, rngs=nnx.Rngs(1)), 16, norm="layer", glu="none", dropout=0.0,
+        activation="identity", rngs=nnx.Rngs(2),
+    )  # fmt: skip
+    assert_close(plain(x), y_eval, atol=0, name="eval = no dropout")
+    assert not np.allclose(np.asarray(y_train), np.asarray(y_eval))
 
 
 def test_pool():
@@ -225,7 +231,63 @@ def test_block_passes_rngs_to_a_mixer_with_kernel_dropout():
     y1, y2 = block(x, rngs=nnx.Rngs(dropout=0)), block(x, rngs=nnx.Rngs(dropout=1))
     assert not np.allclose(np.asarray(y1), np.asarray(y2))
     block.eval()
-    assert_close(block(x), block(x), atol=0)
+    # Reference: the same parameters in a block whose S4D has no kernel dropout.
+    plain = ResidualBlock(S4D(8, 4, rngs=nnx.Rngs(0)), 8, rngs=nnx.Rngs(1))
+    assert_close(plain(x), block(x), atol=0, name="eval = no kernel dropout")
+    assert not np.allclose(np.asarray(plain(x)), np.asarray(y1))
     assert not ResidualBlock(
         CausalMeanMixer(8, rngs=nnx.Rngs(1)), 8, rngs=nnx.Rngs(2)
     ).mixer_takes_rngs
+
+
+def _batchnorms(model):
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+
+
+def test_final_norm_off_pools_the_last_block_output():
+    """``final_norm=False`` (S5's model): pooling sees the last block's output itself; the
+    default keeps a final norm after a pre-norm stack."""
+    kw = dict(n_layers=2, d_model=8, n_classes=3, d_input=4, norm="layer", prenorm=True)
+    with_norm = SequenceModel(CausalMeanMixer, rngs=nnx.Rngs(0), **kw)
+    assert isinstance(with_norm.final_norm, Norm)
+    model = SequenceModel(CausalMeanMixer, final_norm=False, rngs=nnx.Rngs(0), **kw)
+    assert model.final_norm is None
+    x, mask = _inputs(jax.random.key(4), h=4)
+
+    @nnx.jit
+    def both(model, x, mask):
+        h = x @ model.encoder.kernel[...] + model.encoder.bias[...]
+        for block in model.blocks:
+            h = block(h, mask)
+        return model(x, mask), model.head(pool(h, mask, "masked_mean"))
+
+    got, ref = both(model, x, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="final_norm must be a bool"):
+        SequenceModel(CausalMeanMixer, final_norm="no", rngs=nnx.Rngs(0), **kw)
+
+
+def test_norm_momentum_reaches_every_batchnorm():
+    """``norm_momentum`` sets every BatchNorm of the stack (blocks, MLP sub-blocks, final
+    norm, the retrieval encoder); default 0.9. A running mean after one training call is
+    ``(1 − momentum)·batch mean``."""
+    kw = dict(n_layers=2, d_model=8, n_classes=3, d_input=4, norm="batch", mlp_ratio=1.0)
+    default = SequenceModel(CausalMeanMixer, rngs=nnx.Rngs(0), **kw)
+    assert BATCHNORM_MOMENTUM == 0.9
+    assert {bn.momentum for bn in _batchnorms(default)} == {0.9}
+    model = SequenceModel(CausalMeanMixer, norm_momentum=0.95, rngs=nnx.Rngs(0), **kw)
+    assert len(_batchnorms(model)) == 5  # 2 blocks × (mixer + MLP) + final
+    assert {bn.momentum for bn in _batchnorms(model)} == {0.95}
+    retrieval = RetrievalModel(
+        CausalMeanMixer, n_classes=2, d_model=8, n_layers=1, d_input=4, norm="batch",
+        norm_momentum=0.5, final_norm=False, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    assert {bn.momentum for bn in _batchnorms(retrieval)} == {0.5}
+    assert len(_batchnorms(retrieval)) == 1  # no final norm
+    x, mask = _inputs(jax.random.key(5))
+    norm = Norm(8, "batch", momentum=0.75, rngs=nnx.Rngs(0))
+    norm(x, mask)
+    assert_close(0.25 * x[mask].mean(0), norm.norm.mean[...], atol=1e-6)
+    for bad in (1.0, -0.1, "0.9", True):
+        with pytest.raises(ValueError, match="norm_momentum must be"):
+            SequenceModel(CausalMeanMixer, norm_momentum=bad, rngs=nnx.Rngs(0), **kw)
