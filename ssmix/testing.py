@@ -2,11 +2,13 @@
 
 Two public functions:
 
-- :func:`assert_close` compares two pytrees of arrays with a dtype-aware tolerance. A leaf
-  passes when its maximum absolute error is at most ``atol``; otherwise its relative RMS error
-  ``‖ref − got‖₂ / ‖ref‖₂`` must be below ``ratio``. NaN or inf in ``got`` where ``ref`` is
-  finite always fails. The failure message names the leaf, the worst index, both values and
-  both error measures.
+- :func:`assert_close` compares two pytrees of arrays with a dtype-aware tolerance, slice by
+  slice: every slice ``x[..., i, ...]`` of a leaf (each batch item, head, channel, ... along
+  every axis) must satisfy ``RMS(got_s − ref_s) ≤ atol + ratio·RMS(ref_s)``, so a
+  small-magnitude slice is held to the same relative accuracy as a large one.
+  ``exact=True`` (or ``atol = ratio = 0``) means exact. NaN or inf in ``got`` where ``ref``
+  is finite always fails. The failure message names the leaf, the worst slice, the worst
+  index, both values and the error measures.
 - :func:`check_equivalent` runs several implementations on the same arguments, compares every
   output leaf (outputs and final states alike) with the first implementation (the reference),
   and compares gradients with respect to every floating-point argument, obtained by
@@ -39,8 +41,9 @@ __all__ = [
     "trace_stats",
 ]
 
-# (atol, ratio) per precision class. The ratio bounds the relative RMS error, which is the
-# meaningful measure for long reductions (FFTs, scans) where single entries may be tiny.
+# (atol, ratio) per precision class. The ratio bounds the relative RMS error of every slice,
+# which is the meaningful measure for long reductions (FFTs, scans) where single entries may
+# be tiny; atol is the absolute floor for slices whose reference is ~0.
 _TOLERANCES = {
     "float64": (1e-10, 1e-8),
     "float32": (1e-5, 2e-4),
@@ -85,12 +88,23 @@ def _looser_dtype(a: np.ndarray, b: np.ndarray) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class LeafError:
-    """Errors of one compared leaf: the maximum absolute error and the relative RMS error."""
+    """Errors of one compared leaf.
+
+    Attributes:
+      name: the leaf's name in the pytree.
+      max_abs: the maximum absolute error ``max |ref − got|``.
+      rel_rms: the relative RMS error of the whole leaf, ``‖ref − got‖₂ / ‖ref‖₂``.
+      slice_rel: the worst relative RMS error of any slice ``x[..., i, ...]`` (every index
+        ``i`` of every axis), ``‖ref_s − got_s‖₂ / ‖ref_s‖₂``; inf where a slice of zeros
+        is matched by a non-zero one. The quantity the pass criterion bounds.
+      passed: whether the leaf met the criterion (see :func:`assert_close`).
+    """
 
     name: str
     max_abs: float
     rel_rms: float
     passed: bool
+    slice_rel: float = 0.0
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -98,6 +112,50 @@ def _to_numpy(x: Any) -> np.ndarray:
     if x.dtype == jnp.bfloat16 or x.dtype == np.float16:
         return x.astype(np.float32)
     return x
+
+
+def _failed(name: str, msg: str) -> tuple[LeafError, str]:
+    return LeafError(name, np.inf, np.inf, False, np.inf), msg
+
+
+def _slice_rms(sq: np.ndarray, axis: int) -> np.ndarray:
+    """RMS of every slice ``x[..., i, ...]`` along ``axis``, from the squared magnitudes."""
+    others = tuple(a for a in range(sq.ndim) if a != axis)
+    count = sq.size // sq.shape[axis]
+    return np.sqrt(np.sum(sq, axis=others) / count)
+
+
+def _worst_slice(
+    diff: np.ndarray, mag: np.ndarray, atol: float, ratio: float
+) -> tuple[float, float, tuple[int, int] | None, float, float]:
+    """Check ``rms(diff_s) <= atol + ratio·rms(ref_s)`` for every slice along every axis.
+
+    Returns ``(score, slice_rel, where, err, bound)``: the worst ``rms(diff_s) / bound_s``
+    (``<= 1`` passes; inf where the bound is 0 and the error is not), the worst relative error
+    ``rms(diff_s) / rms(ref_s)``, and the ``(axis, index)``, error and bound of the slice that
+    scored worst (None for a 0-d leaf).
+    """
+    d2, r2 = diff**2, mag**2
+    if diff.ndim == 0:
+        err, ref = float(diff), float(mag)
+        bound = atol + ratio * ref
+        score = err / bound if bound > 0 else (0.0 if err == 0 else np.inf)
+        rel = err / ref if ref > 0 else (0.0 if err == 0 else np.inf)
+        return score, rel, None, err, bound
+    best = (-1.0, 0.0, None, 0.0, 0.0)
+    worst_rel = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for axis in range(diff.ndim):
+            err = _slice_rms(d2, axis)
+            ref = _slice_rms(r2, axis)
+            bound = atol + ratio * ref
+            score = np.where(bound > 0, err / bound, np.where(err == 0, 0.0, np.inf))
+            rel = np.where(ref > 0, err / ref, np.where(err == 0, 0.0, np.inf))
+            worst_rel = max(worst_rel, float(rel.max()))
+            i = int(np.argmax(score))
+            if score[i] > best[0]:
+                best = (float(score[i]), 0.0, (axis, i), float(err[i]), float(bound[i]))
+    return best[0], worst_rel, best[2], best[3], best[4]
 
 
 def _compare_leaf(
@@ -108,27 +166,29 @@ def _compare_leaf(
     atol: float | None,
     name: str,
     check_dtype: bool,
+    exact: bool = False,
 ) -> tuple[LeafError, str | None]:
     """Compare one leaf; return its errors and a failure message (None when it passes)."""
     ref_raw, got_raw = np.asarray(ref), np.asarray(got)
     if ref_raw.shape != got_raw.shape:
-        return (
-            LeafError(name, np.inf, np.inf, False),
-            f"{name}: shape mismatch, expected {ref_raw.shape}, got {got_raw.shape}",
+        return _failed(
+            name, f"{name}: shape mismatch, expected {ref_raw.shape}, got {got_raw.shape}"
         )
     if check_dtype and ref_raw.dtype != got_raw.dtype:
-        return (
-            LeafError(name, np.inf, np.inf, False),
-            f"{name}: dtype mismatch, expected {ref_raw.dtype}, got {got_raw.dtype}",
+        return _failed(
+            name, f"{name}: dtype mismatch, expected {ref_raw.dtype}, got {got_raw.dtype}"
         )
     if np.iscomplexobj(got_raw) and not np.iscomplexobj(ref_raw):
-        return (
-            LeafError(name, np.inf, np.inf, False),
-            f"{name}: got a complex array where the reference is real ({ref_raw.dtype})",
+        return _failed(
+            name, f"{name}: got a complex array where the reference is real ({ref_raw.dtype})"
         )
     d_atol, d_ratio = default_tolerance(_looser_dtype(ref_raw, got_raw))
-    atol = d_atol if atol is None else atol
-    ratio = d_ratio if ratio is None else ratio
+    if exact:
+        atol, ratio = 0.0, 0.0
+    atol = d_atol if atol is None else float(atol)
+    ratio = d_ratio if ratio is None else float(ratio)
+    if not (atol >= 0 and ratio >= 0):
+        raise ValueError(f"atol and ratio must be non-negative numbers; got {atol!r}, {ratio!r}")
     r, g = _to_numpy(ref_raw), _to_numpy(got_raw)
     if r.size == 0:
         return LeafError(name, 0.0, 0.0, True), None
@@ -139,16 +199,16 @@ def _compare_leaf(
     bad = ~got_finite & ~same_nonfinite
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        return (
-            LeafError(name, np.inf, np.inf, False),
+        return _failed(
+            name,
             f"{name}: {int(bad.sum())} non-finite value(s) in the result that the reference "
             f"does not have; first at index {idx}: expected {r[idx]!r}, got {g[idx]!r}",
         )
     lost = ~ref_finite & got_finite
     if lost.any():
         idx = tuple(int(i) for i in np.argwhere(lost)[0])
-        return (
-            LeafError(name, np.inf, np.inf, False),
+        return _failed(
+            name,
             f"{name}: the reference is non-finite at {idx} ({r[idx]!r}) but the result is "
             f"{g[idx]!r}",
         )
@@ -156,24 +216,36 @@ def _compare_leaf(
     mask = ref_finite
     if r.dtype.kind in "biu" and g.dtype.kind in "biu":
         diff = np.abs(r.astype(np.int64) - g.astype(np.int64)).astype(np.float64)
+        mag = np.abs(r.astype(np.float64))
     else:
         rr = r.astype(np.complex128 if np.iscomplexobj(r) else np.float64)
         gg = g.astype(np.complex128 if np.iscomplexobj(g) else np.float64)
-        diff = np.abs(np.where(mask, rr, 0) - np.where(mask, gg, 0))
+        rr, gg = np.where(mask, rr, 0), np.where(mask, gg, 0)
+        diff, mag = np.abs(rr - gg), np.abs(rr)
     max_abs = float(diff.max())
-    ref_norm = float(np.sqrt(np.sum(np.abs(np.where(mask, r, 0)).astype(np.float64) ** 2)))
+    ref_norm = float(np.sqrt(np.sum(mag**2)))
     err_norm = float(np.sqrt(np.sum(diff**2)))
     rel_rms = err_norm / ref_norm if ref_norm > 0 else (0.0 if err_norm == 0 else np.inf)
-    passed = max_abs <= atol or rel_rms < ratio
-    if passed:
-        return LeafError(name, max_abs, rel_rms, True), None
+    score, slice_rel, where, s_err, s_bound = _worst_slice(diff, mag, atol, ratio)
+    if score <= 1.0:
+        return LeafError(name, max_abs, rel_rms, True, slice_rel), None
     idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
+    if where is None:
+        place = "the value"
+    else:
+        lead = ", ".join(":" if a != where[0] else str(where[1]) for a in range(diff.ndim))
+        place = f"slice [{lead}]"
+    if atol == 0 and ratio == 0:
+        rule = "exact equality was required"
+    else:
+        rule = f"bound atol + ratio·RMS(ref) = {atol:.1e} + {ratio:.1e}·RMS(ref)"
     msg = (
-        f"{name}: max abs error {max_abs:.3e} > atol {atol:.1e} and relative RMS error "
-        f"{rel_rms:.3e} >= ratio {ratio:.1e}; worst index {idx}: expected {r[idx]!r}, "
-        f"got {g[idx]!r} (shape {r.shape}, dtype {got_raw.dtype})"
+        f"{name}: RMS error {s_err:.3e} of {place} exceeds {s_bound:.3e} ({rule}); "
+        f"max abs error {max_abs:.3e}, worst index {idx}: expected {r[idx]!r}, got {g[idx]!r}; "
+        f"relative RMS error {rel_rms:.3e} over the leaf, {slice_rel:.3e} in the worst slice "
+        f"(shape {r.shape}, dtype {got_raw.dtype})"
     )
-    return LeafError(name, max_abs, rel_rms, False), msg
+    return LeafError(name, max_abs, rel_rms, False, slice_rel), msg
 
 
 def _named_leaves(tree: Any, prefix: str) -> list[tuple[str, Any]]:
@@ -189,6 +261,7 @@ def _compare_trees(
     atol: float | None,
     name: str,
     check_dtype: bool,
+    exact: bool = False,
 ) -> tuple[list[LeafError], list[str]]:
     ref_struct = jax.tree_util.tree_structure(ref)
     got_struct = jax.tree_util.tree_structure(got)
@@ -200,7 +273,13 @@ def _compare_trees(
         _named_leaves(ref, name), _named_leaves(got, name), strict=True
     ):
         err, msg = _compare_leaf(
-            r, g, ratio=ratio, atol=atol, name=leaf_name or "value", check_dtype=check_dtype
+            r,
+            g,
+            ratio=ratio,
+            atol=atol,
+            name=leaf_name or "value",
+            check_dtype=check_dtype,
+            exact=exact,
         )
         errors.append(err)
         if msg is not None:
@@ -216,27 +295,45 @@ def assert_close(
     atol: float | None = None,
     name: str = "",
     check_dtype: bool = False,
+    exact: bool = False,
 ) -> list[LeafError]:
-    """Assert that two pytrees of arrays agree, leaf by leaf.
+    """Assert that two pytrees of arrays agree, leaf by leaf and slice by slice.
+
+    A leaf passes when every slice ``x[..., i, ...]`` (every index ``i`` along every axis:
+    each batch item, head, channel, time step, ...) satisfies
+
+        ``RMS(got_s − ref_s) ≤ atol + ratio · RMS(ref_s)``,
+
+    the RMS form of numpy's ``|got − ref| ≤ atol + rtol·|ref|``. A 0-d leaf is its own slice,
+    so a 1-d leaf is compared element by element. Measured per slice, a small-magnitude batch
+    item or channel is held to the same relative accuracy as a large one (a whole-leaf
+    relative norm would let it be wrong, even sign-flipped). ``atol = ratio = 0`` (or
+    ``exact=True``) means exact equality; ``atol = 0`` alone means purely relative.
 
     Args:
       ref: the reference value (array or pytree of arrays).
       got: the value under test, with the same pytree structure and leaf shapes.
-      ratio: bound on the relative RMS error ``‖ref − got‖₂ / ‖ref‖₂``; default by dtype.
-      atol: a leaf whose maximum absolute error is at most ``atol`` passes outright; default
-        by dtype (see :func:`default_tolerance`; the less precise dtype of the pair decides).
+      ratio: relative bound (per slice, against the RMS of the reference slice); default by
+        dtype (see :func:`default_tolerance`; the less precise dtype of the pair decides).
+      atol: absolute floor of the bound, in the units of the values: what a slice whose
+        reference is ~0 (or cancels) may be off by; default by dtype.
       name: prefix for the leaf names in the failure message.
       check_dtype: also require identical dtypes.
+      exact: require exact equality (same values, same NaN positions), whatever the dtype;
+        overrides ``atol`` and ``ratio``.
 
     Returns:
       The per-leaf errors (useful for reports).
 
     Raises:
-      AssertionError: naming every failing leaf, its worst index, both values and both errors.
-        NaN or inf in ``got`` that are not in ``ref`` always fail.
+      AssertionError: naming every failing leaf, its worst slice with its error and bound,
+        the worst index with both values, and the leaf's error measures. NaN or inf in ``got``
+        that are not in ``ref`` always fail; non-finite entries of ``ref`` must be matched
+        exactly (same NaN positions, same signed infinities).
+      ValueError: negative ``atol`` or ``ratio``.
     """
     errors, failures = _compare_trees(
-        ref, got, ratio=ratio, atol=atol, name=name, check_dtype=check_dtype
+        ref, got, ratio=ratio, atol=atol, name=name, check_dtype=check_dtype, exact=exact
     )
     if failures:
         raise AssertionError("\n".join(failures))
@@ -245,19 +342,26 @@ def assert_close(
 
 @dataclasses.dataclass
 class EquivalenceReport:
-    """Worst errors per implementation, for outputs and gradients, against the reference."""
+    """Worst errors per implementation, for outputs and gradients, against the reference.
+
+    ``rows[impl][part]`` (``part`` ``"output"`` or ``"grad"``) is ``(max abs error, relative
+    RMS error of a whole leaf, relative RMS error of the worst slice)``, each the worst over
+    the leaves (see :class:`LeafError`).
+    """
 
     reference: str
-    rows: dict[str, dict[str, tuple[float, float]]]
+    rows: dict[str, dict[str, tuple[float, float, float]]]
 
     def __str__(self) -> str:
         lines = [
             f"reference: {self.reference}",
-            f"{'impl':<24}{'part':<10}{'max abs':>12}{'rel rms':>12}",
+            f"{'impl':<24}{'part':<10}{'max abs':>12}{'rel rms':>12}{'slice rel':>12}",
         ]
         for impl, parts in self.rows.items():
-            for part, (max_abs, rel_rms) in parts.items():
-                lines.append(f"{impl:<24}{part:<10}{max_abs:>12.3e}{rel_rms:>12.3e}")
+            for part, (max_abs, rel_rms, slice_rel) in parts.items():
+                lines.append(
+                    f"{impl:<24}{part:<10}{max_abs:>12.3e}{rel_rms:>12.3e}{slice_rel:>12.3e}"
+                )
         return "\n".join(lines)
 
 
@@ -278,10 +382,14 @@ def _random_like(key: jax.Array, x: jax.Array) -> jax.Array:
     return jax.random.normal(key, x.shape, x.dtype)
 
 
-def _worst(errors: list[LeafError]) -> tuple[float, float]:
+def _worst(errors: list[LeafError]) -> tuple[float, float, float]:
     if not errors:
-        return 0.0, 0.0
-    return max(e.max_abs for e in errors), max(e.rel_rms for e in errors)
+        return 0.0, 0.0, 0.0
+    return (
+        max(e.max_abs for e in errors),
+        max(e.rel_rms for e in errors),
+        max(e.slice_rel for e in errors),
+    )
 
 
 def check_equivalent(
@@ -294,6 +402,7 @@ def check_equivalent(
     grad_ratio: float | None = None,
     grad_atol: float | None = None,
     check_dtype: bool = True,
+    exact: bool = False,
 ) -> EquivalenceReport:
     """Check that several implementations of one computation agree, values and gradients.
 
@@ -316,6 +425,7 @@ def check_equivalent(
       ratio, atol: tolerances for outputs (defaults by dtype, see :func:`default_tolerance`).
       grad_ratio, grad_atol: tolerances for gradients (default: ``ratio`` and ``atol``).
       check_dtype: require every implementation to return the reference's dtypes.
+      exact: require exact equality of outputs and gradients (overrides the tolerances).
 
     Returns:
       An :class:`EquivalenceReport` with the worst errors per implementation.
@@ -335,7 +445,7 @@ def check_equivalent(
         if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
             raise AssertionError(f"reference output {leaf_name} contains NaN or inf")
 
-    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    rows: dict[str, dict[str, tuple[float, float, float]]] = {}
     failures: list[str] = []
     for name in names[1:]:
         errs, fails = _compare_trees(
@@ -345,6 +455,7 @@ def check_equivalent(
             atol=atol,
             name=f"[{name}] output",
             check_dtype=check_dtype,
+            exact=exact,
         )
         rows[name] = {"output": _worst(errs)}
         failures += fails
@@ -412,6 +523,7 @@ def check_equivalent(
                 atol=g_atol,
                 name=f"[{name}] grad",
                 check_dtype=check_dtype,
+                exact=exact,
             )
             rows[name]["grad"] = _worst(errs)
             failures += fails

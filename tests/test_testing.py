@@ -166,3 +166,81 @@ def test_check_equivalent_rejects_bad_usage():
 def test_numpy_inputs_accepted():
     ref = np.linspace(0, 1, 10)
     assert_close(ref, ref + 1e-12)
+
+
+def _batch_with_small_item(dtype=jnp.float32):
+    """(4, 16, 8) values of order 1, except batch item 2, scaled by 1e-4."""
+    ref = jax.random.normal(jax.random.PRNGKey(3), (4, 16, 8), dtype)
+    return ref.at[2].multiply(1e-4)
+
+
+def test_small_magnitude_item_sign_flipped_fails():
+    ref = _batch_with_small_item()
+    got = ref.at[2].multiply(-1.0)
+    # The whole-leaf relative RMS error is tiny: the old rule (max abs <= atol or whole-leaf
+    # relative RMS < ratio) passed this.
+    rel = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+    assert rel < default_tolerance(jnp.float32)[1]
+    with pytest.raises(AssertionError, match=r"slice \[2, :, :\]"):
+        assert_close(ref, got, atol=0)
+    with pytest.raises(AssertionError, match=r"slice \[2, :, :\]"):
+        assert_close(ref, got, atol=1e-6)
+    # Each item is judged relative to its own size: 1e-6 relative error passes everywhere.
+    assert_close(ref, ref * (1 + 1e-6), atol=0)
+
+
+def test_small_magnitude_channel_and_time_step_are_checked():
+    ref = jax.random.normal(jax.random.PRNGKey(4), (2, 16, 8))
+    small_channel = ref.at[..., 5].multiply(1e-4)
+    with pytest.raises(AssertionError, match=r"slice \[:, :, 5\]"):
+        assert_close(small_channel, small_channel.at[..., 5].multiply(1.5), atol=0)
+    small_step = ref.at[:, 7].multiply(1e-4)
+    with pytest.raises(AssertionError, match=r"slice \[:, 7, :\]"):
+        assert_close(small_step, small_step.at[:, 7].set(0.0), atol=0)
+
+
+def test_exact_means_exact():
+    ref = jnp.linspace(1.0, 2.0, 12).reshape(3, 4)
+    one_ulp = ref.at[1, 2].set(jnp.nextafter(ref[1, 2], jnp.inf))
+    assert_close(ref, one_ulp)  # within the float32 tolerance
+    with pytest.raises(AssertionError, match="exact equality was required"):
+        assert_close(ref, one_ulp, exact=True)
+    with pytest.raises(AssertionError, match="exact equality was required"):
+        assert_close(ref, one_ulp, atol=0, ratio=0)
+    assert_close(ref, ref + 0.0, exact=True)
+    nan = ref.at[0, 0].set(jnp.nan)
+    assert_close(nan, nan, exact=True)
+    with pytest.raises(AssertionError, match="exact"):
+        check_equivalent(
+            {"a": lambda x: x * 3, "b": lambda x: x * 3 * (1 + 2.0**-22)}, one_ulp, exact=True
+        )
+    check_equivalent({"a": lambda x: x * 2, "b": lambda x: x + x}, one_ulp, exact=True)
+
+
+def test_atol_zero_is_relative_not_exact():
+    ref = jnp.linspace(1.0, 2.0, 12)
+    assert_close(ref, ref * (1 + 1e-6), atol=0)
+    with pytest.raises(AssertionError):
+        assert_close(ref, ref * (1 + 1e-3), atol=0)
+
+
+def test_one_bad_entry_in_a_large_leaf_fails():
+    ref = jax.random.normal(jax.random.PRNGKey(5), (8, 64, 16))
+    got = ref.at[3, 40, 2].add(0.05)
+    # 0.05 in one of 8192 entries: a whole-leaf relative RMS error of about 5e-4 / sqrt(8)...
+    assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 1e-3
+    # ... but the (3, 40, :) row of 16 entries is off by 1.2e-2 relative.
+    with pytest.raises(AssertionError, match=r"worst index \(3, 40, 2\)"):
+        assert_close(ref, got)
+
+
+def test_negative_tolerance_rejected():
+    with pytest.raises(ValueError, match="non-negative"):
+        assert_close(jnp.ones(3), jnp.ones(3), atol=-1.0)
+
+
+def test_report_has_the_worst_slice_error(x64):
+    x = jax.random.normal(jax.random.PRNGKey(0), (7, 3), jnp.float64)
+    report = check_equivalent({"loop": _cumsum_loop, "fast": _cumsum_fast}, x, 2.0)
+    max_abs, rel_rms, slice_rel = report.rows["fast"]["grad"]
+    assert slice_rel >= rel_rms and "slice rel" in str(report)
