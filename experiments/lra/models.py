@@ -1,9 +1,10 @@
-"""Model registry: config model names -> ssmix mixer layers, and model construction.
+"""Model registry: config model names -> ssmix mixer layers, model and optimiser construction.
 
 Each entry names the public ``ssmix.layers`` class, fixed layer arguments (the PTD models
 are S4D / S5 with ``init="ptd"``, set in the configs) and the issue that provides the layer,
 so a checkout without it fails with a clear :class:`LayerUnavailable` error rather than an
-``AttributeError`` deep inside model construction.
+``AttributeError`` deep inside model construction. :func:`build_optimizer` turns a config's
+optimiser fields (groups, warmup, schedule) into the optax transformation.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+from collections.abc import Callable
 
+import optax
 from flax import nnx
 
 from experiments.lra.configs import Config
 from experiments.lra.data import TaskData
 from ssmix.blocks import RetrievalModel, SequenceModel
+from ssmix.optim import make_optimizer, s5_schedule, warmup_cosine
 
 # model name -> (class name in ssmix.layers, issue providing it)
 MIXERS: dict[str, tuple[str, int]] = {
@@ -82,6 +86,8 @@ def build_model(cfg: Config, data: TaskData, *, rngs: nnx.Rngs) -> nnx.Module:
         glu=cfg.glu,
         dropout=cfg.dropout,
         mlp_ratio=cfg.mlp_ratio,
+        final_norm=cfg.final_norm,
+        norm_momentum=cfg.norm_momentum,
         rngs=rngs,
     )
     if data.kind == "tokens":
@@ -91,3 +97,86 @@ def build_model(cfg: Config, data: TaskData, *, rngs: nnx.Rngs) -> nnx.Module:
     if data.paired:
         return RetrievalModel(factory, **kwargs)
     return SequenceModel(factory, **kwargs)
+
+
+# Config.no_decay kinds -> parameter names / module types trained without weight decay (the
+# S4 code's add_optimizer_hooks: names ending in "bias", nn.Embedding and normalisation
+# modules).
+NO_DECAY_NAMES = {"bias": ("bias",)}
+NO_DECAY_MODULES = {
+    "norm": (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm),
+    "embedding": (nnx.Embed,),
+}
+
+
+def warmup_steps_for(cfg: Config, *, steps_per_epoch: int, schedule_steps: int) -> int:
+    """The warmup length in steps: ``warmup_steps``, or ``round(warmup_epochs ×
+    steps_per_epoch)``, or ``int(warmup_ratio × schedule_steps)`` (whichever is set), at
+    most ``schedule_steps − 1``."""
+    if cfg.warmup_steps:
+        steps = cfg.warmup_steps
+    elif cfg.warmup_epochs:
+        steps = round(cfg.warmup_epochs * steps_per_epoch)
+    else:
+        steps = int(cfg.warmup_ratio * schedule_steps)
+    return min(steps, schedule_steps - 1)
+
+
+def build_optimizer(
+    cfg: Config, model: nnx.Module, *, steps_per_epoch: int, total_steps: int
+) -> tuple[optax.GradientTransformation, Callable[[int], float], int]:
+    """The grouped optimiser of ``cfg`` for ``model``.
+
+    Groups (:func:`ssmix.optim.param_labels`): ``cfg.param_groups`` by attribute name inside
+    the mixer layers (every name must exist there for an ssmix layer), SSM parameters at
+    ``ssm_lr`` without decay, ``cfg.no_decay`` kinds at ``lr`` without decay, the rest AdamW
+    at ``lr`` / ``weight_decay``. Schedule:
+    ``"cosine"`` = linear warmup then cosine to 0 at ``schedule_steps`` (0: ``total_steps``);
+    ``"s5"`` = :func:`ssmix.optim.s5_schedule` over ``total_steps``.
+
+    Args:
+      cfg: the run's config.
+      model: the model (its variables; the labels are computed here).
+      steps_per_epoch: optimiser steps per epoch (converts ``warmup_epochs``).
+      total_steps: steps of the whole run.
+
+    Returns:
+      ``(tx, lr_schedule, warmup_steps)``: the transformation, the main group's learning
+      rate per step, and the warmup length in steps.
+    """
+    for name, value in (("steps_per_epoch", steps_per_epoch), ("total_steps", total_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if cfg.schedule == "cosine":
+        length = cfg.schedule_steps or total_steps
+        warmup = warmup_steps_for(cfg, steps_per_epoch=steps_per_epoch, schedule_steps=length)
+
+        def schedule_fn(peak):
+            return warmup_cosine(peak, warmup, length)
+
+    elif cfg.schedule == "s5":
+        warmup = warmup_steps_for(cfg, steps_per_epoch=steps_per_epoch, schedule_steps=total_steps)
+
+        def schedule_fn(peak):
+            return s5_schedule(peak, warmup, total_steps)
+
+    else:
+        raise ValueError(f"schedule must be 'cosine' or 's5'; got {cfg.schedule!r}")
+    mixer = mixer_class(cfg.model)
+    names = tuple(n for kind in cfg.no_decay for n in NO_DECAY_NAMES.get(kind, ()))
+    modules = tuple(m for kind in cfg.no_decay for m in NO_DECAY_MODULES.get(kind, ()))
+    tx = make_optimizer(
+        model,
+        lr=cfg.lr,
+        ssm_lr=cfg.ssm_lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip_norm=cfg.grad_clip or None,
+        no_decay_names=names,
+        no_decay_modules=modules,
+        groups=cfg.param_groups,
+        within=mixer,
+        # Names must exist in ssmix's layers; a stand-in mixer (tests) takes those it has.
+        strict=mixer.__module__.startswith("ssmix."),
+        schedule_fn=schedule_fn,
+    )
+    return tx, schedule_fn(cfg.lr), warmup
