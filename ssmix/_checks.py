@@ -40,24 +40,29 @@ def check_even(name: str, value: Any) -> int:
     return value
 
 
-def check_sequence_input(x: Any, mask: Any, features: int, *, name: str = "x") -> None:
+def check_sequence_input(
+    x: Any, mask: Any, features: int, *, name: str = "x", features_name: str | None = None
+) -> None:
     """The one input rule of every sequence layer.
 
     ``x`` must be a floating-point array of shape ``(B, L, features)`` with ``L >= 1``
     (integer input would be truncated on the way out: ``TypeError``); ``mask`` is ``None`` or
     a **boolean** ``(B, L)`` array, True = valid position (a float weight such as 0.3 is not a
-    validity flag: ``TypeError``, convert with ``mask > 0``).
+    validity flag: ``TypeError``, convert with ``mask > 0``). ``features_name`` (e.g.
+    ``"d_model"``) names the feature axis in the shape errors: ``(B, L, d_model=8)``.
     """
     import jax.numpy as jnp
 
-    check_ndim(name, x, 3, f"(B, L, {features})")
+    label = str(features) if features_name is None else f"{features_name}={features}"
+    shape_doc = f"(B, L, {label})"
+    check_ndim(name, x, 3, shape_doc)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
             f"{name} must be a floating-point array (float32, float64, bfloat16, ...); got "
             f"{x.dtype}: cast it, e.g. {name}.astype(jnp.float32), or embed integer tokens first"
         )
     if x.shape[-1] != features:
-        raise ValueError(f"{name} must have shape (B, L, {features}); got {x.shape}")
+        raise ValueError(f"{name} must have shape {shape_doc}; got {x.shape}")
     if x.shape[1] < 1:
         raise ValueError(f"{name} must have a positive length (axis 1); got shape {x.shape}")
     if mask is not None:

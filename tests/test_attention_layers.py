@@ -155,10 +155,15 @@ def test_tensor_attention_forms_agree(methods, options):
     _assert_padding_has_no_influence(impls[methods[-1]], _x())
 
 
-def test_tensor_attention_approx_close_for_small_entries():
-    """Small inputs keep the scores small, where the Taylor features are accurate."""
-    exact = TensorAttention(F, num_heads=HEADS, method="naive", rngs=nnx.Rngs(3))
-    approx = TensorAttention(F, num_heads=HEADS, method="approx", rngs=nnx.Rngs(3))
+@pytest.mark.parametrize("bounded", [False, True])
+def test_tensor_attention_approx_close_for_small_entries(bounded):
+    """Small inputs keep raw scores small, where the Taylor features are accurate; bounded
+    scores (the default of "approx") are exact tensor attention on normalised q, k1, k2, the
+    naive layer with ``bounded_scores=True``."""
+    exact, approx = (
+        TensorAttention(F, num_heads=HEADS, method=m, bounded_scores=bounded, rngs=nnx.Rngs(3))
+        for m in ("naive", "approx")
+    )
     x = _x(scale=0.3)
     run = jax.jit(lambda x: (exact(x, MASK), approx(x, MASK)))
     assert_close(*run(x), ratio=1e-4)
@@ -185,7 +190,9 @@ def test_layer_errors():
     layer = Attention(F, num_heads=HEADS, rngs=rngs)
     with pytest.raises(ValueError, match=r"\(B, L, features=8\)"):
         layer(jnp.zeros((L, F)))
-    with pytest.raises(ValueError, match="8 features"):
+    with pytest.raises(
+        ValueError, match=r"x must have shape \(B, L, features=8\); got \(2, 12, 9\)"
+    ):
         layer(jnp.zeros((B, L, F + 1)))
     with pytest.raises(ValueError, match=r"mask must have shape \(B, L\)"):
         layer(_x(), jnp.ones((B, L + 1), bool))

@@ -144,7 +144,7 @@ def test_hydra_rejects_bad_configuration_and_inputs():
     x = jnp.zeros((2, 5, 8))
     with pytest.raises(ValueError, match=r"x must have shape \(B, L, d_model=8\)"):
         layer(x[0])
-    with pytest.raises(ValueError, match="d_model = 8 features"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, L, d_model=8\); got"):
         layer(x[..., :4])
     with pytest.raises(TypeError, match="mask must be a boolean array"):
         layer(x, jnp.ones((2, 5)))

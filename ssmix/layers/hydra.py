@@ -150,6 +150,8 @@ class Hydra(GatedConvWrapper):
         if self.init_states is not None:
             h = jnp.broadcast_to(self.init_states[...], (x.shape[0], *self.init_states.shape))
             init = (h, h)
+        # Checked at call time too: a mode assigned after construction must fail clearly.
+        check_choice("mode", self.mode, METHODS)
         mode = auto_mode(x.shape[1]) if self.mode == "auto" else self.mode
         y = quasiseparable(*args, chunk_size=self.chunk_size, initial_states=init, method=mode)
         return self.output(y.reshape(*x.shape[:2], self.d_inner), z)

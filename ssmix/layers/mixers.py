@@ -55,7 +55,7 @@ from flax import nnx
 from jax import lax
 
 from ssmix._backend import resolve_backend
-from ssmix._checks import check_choice, check_ndim, check_positive_int
+from ssmix._checks import check_choice, check_ndim, check_positive_int, check_sequence_input
 from ssmix.kernels.attention import softmax_attention
 from ssmix.kernels.fftconv import fft_conv_bidirectional
 from ssmix.kernels.ssd import METHODS as SSD_METHODS
@@ -82,21 +82,9 @@ TILED_KINDS = ("vandermonde", "cauchy", "attention")
 
 
 def check_input(x: jax.Array, d_model: int, mask: jax.Array | None) -> None:
-    """Validate a layer input ``x (B, L, d_model)`` and its optional ``mask (B, L)`` bool."""
-    check_ndim("x", x, 3, f"(B, L, d_model={d_model})")
-    if x.shape[-1] != d_model:
-        raise ValueError(
-            f"x must have d_model = {d_model} features in its last axis; got {x.shape}"
-        )
-    if x.shape[1] < 1:
-        raise ValueError(f"x must have a positive length (axis 1); got shape {x.shape}")
-    if mask is not None:
-        if getattr(mask, "dtype", None) != jnp.bool_:
-            raise TypeError(
-                f"mask must be a boolean array (True = valid); got {getattr(mask, 'dtype', mask)}"
-            )
-        if mask.shape != x.shape[:2]:
-            raise ValueError(f"mask must have shape (B, L) = {x.shape[:2]}; got {mask.shape}")
+    """Validate a layer input ``x (B, L, d_model)`` (floating, ``L ≥ 1``) and its optional
+    ``mask (B, L)`` bool: :func:`ssmix._checks.check_sequence_input`, the rule of every layer."""
+    check_sequence_input(x, mask, d_model, features_name="d_model")
 
 
 def zero_padding(v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -308,8 +296,14 @@ class GatedConvWrapper(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``x (B, L, d_model)`` -> ``z (B, L, d_inner)``, the convolved part ``(B, L,
         conv_dim)`` (before any activation; zero at padded positions) and the extra part
-        ``(B, L, extra_dim)``."""
+        ``(B, L, extra_dim)``.
+
+        Padded positions of ``x`` are replaced by zeros first (``jnp.where``): a NaN or inf
+        stored there must reach neither a valid output nor a parameter gradient (``in_proj``'s
+        weight gradient sums ``x_t ⊗ cotangent_t`` over every position, and ``0 · NaN`` is
+        NaN)."""
         check_input(x, self.d_model, mask)
+        x = zero_padding(x, mask)
         # One matmul per part with a column block of in_proj's weight, over flattened leading
         # axes: slicing one (B, L, total) product would make every part's gradient a padded
         # full-width copy, and its weight gradient a transpose of that copy.
@@ -603,8 +597,16 @@ class MatrixMixer(GatedConvWrapper):
             self.k = nnx.Param(normal((Lm, H, d), 1.0))
 
     # ----------------------------------------------------------------------------------
+    def _check_config(self):
+        """Re-check the choices at call time: an attribute assigned after construction
+        (``layer.mode = "chunked"``) must fail clearly, not silently run another path."""
+        check_choice("kind", self.kind, KINDS)
+        check_choice("mode", self.mode, MIXER_MODES)
+        check_choice("ssd_method", self.ssd_method, SSD_METHODS)
+
     def _features(self, x, mask):
         """Gate ``z``, values ``v (B, L, Hh, P)`` and the kind's matrix inputs."""
+        self._check_config()
         b, L = x.shape[:2]
         if L > self.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len = {self.max_len}")

@@ -49,6 +49,23 @@ def check_mask(mask: jax.Array | None, shape: tuple[int, ...], shape_doc: str) -
         raise ValueError(f"mask must have shape {shape_doc} = {tuple(shape)}; got {mask.shape}")
 
 
+def isolate(mask: jax.Array | None, *xs: jax.Array) -> tuple[jax.Array, ...]:
+    """Zero every ``x (B, n, ..., c)`` where ``mask (B, n)`` (or ``(B, *grid)``) is False.
+
+    ``jnp.where``, never a product with the mask: the weights of masked keys are 0, and
+    ``0 · NaN`` is NaN, so without this a NaN or inf stored at a padded position would make
+    every valid output (and gradient) NaN. ``mask=None`` returns ``xs`` unchanged. The mask
+    is broadcast over the axes between the masked ones and the last (e.g. heads).
+    """
+    if mask is None:
+        return xs
+    out = []
+    for x in xs:
+        keep = mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+        out.append(jnp.where(keep, x, jnp.zeros((), x.dtype)))
+    return tuple(out)
+
+
 def default_scale(scale: float | None, d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d)

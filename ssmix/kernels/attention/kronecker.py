@@ -18,6 +18,7 @@ from ssmix.kernels.attention._common import (
     check_mask,
     compute_dtype,
     default_scale,
+    isolate,
     masked_softmax,
     normalise,
     softmax_parts,
@@ -80,7 +81,7 @@ def _kao_prepare(x, variant, num_heads, scale, keys, values, mask):
         )
     check_mask(mask, x.shape[:-1], "(B, *grid)")
     dtype = compute_dtype(x, keys, values)
-    x, keys, values = x.astype(dtype), keys.astype(dtype), values.astype(dtype)
+    x, keys, values = isolate(mask, x.astype(dtype), keys.astype(dtype), values.astype(dtype))
     for name, y in (("x", x), ("values", values)):
         if y.shape[-1] % num_heads:
             raise ValueError(
@@ -141,8 +142,9 @@ def kao(
       cost O(S²·c).
 
     ``mask (B, *grid)`` bool (True = valid): the means run over valid positions only, slices
-    without a valid position are dropped as keys, and masked positions output 0, so masked
-    positions never influence valid outputs.
+    without a valid position are dropped as keys, and masked positions output 0. Masked
+    queries, keys and values are replaced by zeros (``jnp.where``) before use, so no value
+    stored there, NaN or inf included, reaches a valid output or a gradient.
     """
     out_dtype = jnp.result_type(x, x if keys is None else keys, x if values is None else values)
     grid, _, weights, values, s, valid = _kao_prepare(
@@ -157,8 +159,7 @@ def kao(
     else:
         o = _kao_spread(o, grid)
     o = jnp.moveaxis(o, 1, -2).reshape(x.shape[:-1] + (values.shape[-1],))
-    if weights is not None:
-        o = o * weights[..., None]
+    (o,) = isolate(mask, o)
     return o.astype(out_dtype)
 
 
@@ -201,6 +202,6 @@ def kao_mixing_matrix(
             axis=-1,
         )  # (N, S)
         m = jnp.einsum("ns,bhsm->bhnm", spread, m)
-    if weights is not None:
-        m = m * weights.reshape(b, 1, n, 1)
+    if mask is not None:
+        m = jnp.where(mask.reshape(b, 1, n, 1), m, jnp.zeros((), m.dtype))
     return m.astype(out_dtype)

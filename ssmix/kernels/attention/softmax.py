@@ -29,6 +29,7 @@ from ssmix.kernels.attention._common import (
     compute_dtype,
     default_scale,
     finish,
+    isolate,
     masked_softmax,
     normalise,
     online_update,
@@ -94,7 +95,8 @@ def softmax_attention_weights(
     _validate_softmax(q, k, k, causal, mask)
     dtype = compute_dtype(q, k)
     scale = default_scale(scale, q.shape[-1])
-    s = jnp.einsum("bhqd,bhkd->bhqk", q.astype(dtype) * scale, k.astype(dtype))
+    (k,) = isolate(None if mask is None else mask[:, None, :], k.astype(dtype))
+    s = jnp.einsum("bhqd,bhkd->bhqk", q.astype(dtype) * scale, k)
     w = masked_softmax(s, _softmax_valid(q.shape[2], k.shape[2], causal, mask))
     return w.astype(jnp.result_type(q, k))
 
@@ -145,7 +147,9 @@ def softmax_attention(
     Shapes: ``q (B, H, Lq, d)``, ``k (B, H, Lk, d)``, ``v (B, H, Lk, dv)`` -> ``(B, H, Lq, dv)``
     (heads before length). ``mask (B, Lk)`` bool marks valid keys (True = valid); ``causal``
     (needs Lq = Lk) lets query t attend to keys s ≤ t. Queries without any valid key output 0.
-    ``scale`` defaults to 1/√d.
+    ``scale`` defaults to 1/√d. Masked keys and values are replaced by zeros (``jnp.where``)
+    before use, so a NaN or inf stored there reaches no output or gradient; the mask applies
+    to keys only, so a non-finite query gives a non-finite output row, as it should.
 
     ``block_size=None`` materializes the ``Lq × Lk`` weights (the reference). An integer runs
     the blocked online-softmax form over key blocks of that size: the weights are never
@@ -158,6 +162,7 @@ def softmax_attention(
     scale = default_scale(scale, q.shape[-1])
     # The scale goes on q (Lq·d entries), not on the Lq × Lk scores.
     q, k, v = q.astype(dtype) * scale, k.astype(dtype), v.astype(dtype)
+    k, v = isolate(None if mask is None else mask[:, None, :], k, v)
     if block_size is None:
         s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
         e, z = softmax_parts(s, _softmax_valid(q.shape[2], k.shape[2], causal, mask))

@@ -26,6 +26,7 @@ from ssmix.kernels.attention._common import (
     compute_dtype,
     default_scale,
     finish,
+    isolate,
     masked_softmax,
     normalise,
     online_update,
@@ -117,7 +118,8 @@ def tensor_attention_weights(
     out_dtype = jnp.result_type(q, k1, k2)
     dtype = compute_dtype(q, k1, k2)
     scale = default_scale(scale, d)
-    q, k1, k2 = q.astype(dtype) * scale, k1.astype(dtype), k2.astype(dtype)
+    q = q.astype(dtype) * scale
+    k1, k2 = isolate(mask, k1.astype(dtype), k2.astype(dtype))
     s = jnp.einsum("bld,bid,bjd->blij", q, k1, k2)
     m = jnp.ones((1, n), bool) if mask is None else mask
     idx = jnp.arange(n)
@@ -150,7 +152,10 @@ def tensor_attention(
     the leading batch axis. ``scale`` defaults to 1/√d. ``mask (B, n)`` bool: a pair is valid
     when both keys are valid. ``causal``: pairs with i, j ≤ l. ``w1, w2`` (with ``causal``):
     windows ``l − w1 < i ≤ l``, ``l − w2 < j ≤ l``; None means unbounded. Queries without a
-    valid pair output 0.
+    valid pair output 0. Masked keys and values are replaced by zeros (``jnp.where``) before
+    any method runs, so a NaN or inf stored there reaches no output or gradient; the mask
+    applies to keys only, and a non-finite valid input gives non-finite outputs (never a
+    silent 0).
 
     Methods:
 
@@ -200,6 +205,7 @@ def tensor_attention(
     b, n, d = q.shape
     scale = default_scale(scale, d)
     q, k1, k2, v1, v2 = (x.astype(dtype) for x in (q, k1, k2, v1, v2))
+    k1, k2, v1, v2 = isolate(mask, k1, k2, v1, v2)
     kmask = jnp.ones((1, n), bool) if mask is None else mask
     # Accelerator rules (see the docstring); the CPU rules keep the measured defaults.
     accel = resolve_backend(None) != "cpu"
@@ -594,7 +600,8 @@ def _tensor_approx(q, k1, k2, v1, v2, kmask, scale, causal, degree, chunk, remat
     num = jnp.moveaxis(num, 0, 2).reshape(b, dv, -1)[:, :, :n]  # (B, dv, n)
     den = jnp.moveaxis(den, 0, 1).reshape(b, -1)[:, :n]
     # den is a sum of T_p(x) > 0 over valid pairs (even p); it is 0 only without valid pairs.
-    has = den > 0
+    # A NaN den (a NaN valid input) must stay NaN, not count as "no valid pair".
+    has = den != 0
     out = jnp.where(has[:, None], num / jnp.where(has, den, 1.0)[:, None], 0.0)
     return jnp.swapaxes(out, 1, 2)
 

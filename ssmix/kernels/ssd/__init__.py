@@ -50,6 +50,15 @@ and ``cb`` the cumulative sums of ``dt_fw`` and ``dt_bw``,
 
 Forward-mode differentiation (``jax.jvp``) of the chunked method is not supported (it has a
 custom reverse-mode rule); the other methods support both.
+
+Signs: ``dt ≥ 0`` and ``A ≤ 0`` are what make the recurrence a decay (``exp(dt·A) ≤ 1``); a
+negative step or a positive rate grows the state exponentially (in the probe of issue 20 a
+negative ``dt`` gave NaN and a positive ``A`` outputs of 2.5e17). :func:`ssd` and
+:func:`quasiseparable` check them with a ``ValueError`` when the arrays are concrete (an
+eager call); under ``jax.jit``, ``grad`` or ``vmap`` the values are tracers, unknown at trace
+time, and are not checked (a check there would need a host callback on every call). The
+layers cannot produce either: Hydra and the SSD kinds of :class:`~ssmix.layers.MatrixMixer`
+build ``dt = softplus(·) ≥ 0`` (zeroed on padding) and ``A = −exp(A_log) < 0``.
 """
 
 from __future__ import annotations
@@ -114,6 +123,31 @@ def default_chunk_size(backend: str | None = None) -> int:
     return DEFAULT_CHUNK_SIZE[resolve_backend(backend)]
 
 
+def _check_signs(dts, A) -> None:
+    """``ValueError`` unless every ``dt`` in ``dts`` (``(name, array)`` pairs) is ≥ 0 and ``A``
+    ≤ 0; skipped when any of them is a tracer (under ``jit`` / ``grad`` / ``vmap``: the values
+    are unknown at trace time) or not an array (the shape checks report those)."""
+    arrays = [v for _, v in dts] + [A]
+    if any(isinstance(v, jax.core.Tracer) or not hasattr(v, "shape") for v in arrays):
+        return
+    if any(getattr(v, "size", 1) == 0 for v in arrays):
+        return
+    # One device-to-host transfer for all the checks.
+    lows = [float(v) for v in jnp.stack([jnp.min(jnp.asarray(v)) for v in arrays[:-1]])]
+    high = float(jnp.max(jnp.asarray(A)))
+    for (name, _), low in zip(dts, lows, strict=True):
+        if low < 0:
+            raise ValueError(
+                f"{name} must be non-negative (steps; 0 is an identity step); got a minimum of "
+                f"{low:g} (a negative step grows the state exponentially)"
+            )
+    if high > 0:
+        raise ValueError(
+            f"A must be non-positive (decay rates: exp(dt·A) ≤ 1); got a maximum of {high:g} "
+            "(a positive rate grows the state exponentially; Hydra uses A = −exp(A_log))"
+        )
+
+
 def _resolve(method, chunk_size):
     """Check ``method`` and ``chunk_size`` and replace ``"auto"`` / ``None`` by the backend's
     choice, in Python, so the jitted kernels are keyed on concrete values."""
@@ -163,10 +197,12 @@ def ssd(
 
     Raises:
       ValueError: wrong ranks or shapes, ``G`` not dividing ``Hh``, a non-positive
-        ``chunk_size``, an unknown ``method``.
+        ``chunk_size``, an unknown ``method``; a negative ``dt`` or a positive ``A`` when they
+        are concrete (not under ``jit`` / ``grad`` / ``vmap``, module docstring).
       TypeError: non-floating inputs.
     """
     method, chunk_size = _resolve(method, chunk_size)
+    _check_signs([("dt", dt)], A)
     return _ssd(
         x,
         dt,
@@ -268,9 +304,12 @@ def quasiseparable(
 
     Raises:
       ValueError: inconsistent shapes, ``G`` not dividing ``Hh``, a non-positive
-        ``chunk_size``, an unknown ``method``.
+        ``chunk_size``, an unknown ``method``; a negative ``dt_fw`` / ``dt_bw`` or a positive
+        ``A`` when they are concrete (not under ``jit`` / ``grad`` / ``vmap``, module
+        docstring).
     """
     method, chunk_size = _resolve(method, chunk_size)
+    _check_signs([("dt_fw", dt_fw), ("dt_bw", dt_bw)], A)
     args = (x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag)
     return _quasiseparable(
         *args,
