@@ -175,7 +175,7 @@ def test_s5_family_presets_equal_run_scripts(task, model):
     assert cfg.lr == pytest.approx(factor * ssm_lr, rel=1e-12)
     assert (cfg.norm, cfg.prenorm, cfg.final_norm, cfg.schedule) == ("batch", True, False, "s5")
     assert (cfg.warmup_steps, cfg.warmup_ratio, cfg.no_decay) == (0, 0.0, [])
-    assert cfg.mixer["bidirectional"] is True
+    assert cfg.mixer["bidirectional"] is True and cfg.mixer.get("dt_global", False) is dt_global
     assert cfg.mixer["conj_sym"] is (model == "s5")  # S5-PTD/s5/train.py: conj_sym = False
     assert cfg.mixer.get("init", "legs") == ("ptd" if model == "s5-ptd" else "legs")
     assert cfg.pooling == ("masked_mean" if task in ("listops", "text", "retrieval") else "mean")

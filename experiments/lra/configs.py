@@ -513,6 +513,8 @@ def _s5_settings(anchor: dict, repo: str) -> dict[str, Any]:
              "bidirectional": anchor["bidirectional"], "C_init": anchor["C_init"],
              "clip_eigs": anchor["clip_eigs"], "conj_sym": anchor["conj_sym"],
              "dt_min": anchor["dt_min"], "dt_max": anchor["dt_max"]}  # fmt: skip
+    if anchor["dt_global"]:  # S5(dt_global=True): log_step a plain parameter (same groups)
+        mixer["dt_global"] = True
     return dict(
         source=f"{repo} {anchor['file']}", seed=anchor["jax_seed"], n_layers=anchor["n_layers"],
         d_model=anchor["d_model"], dropout=anchor["p_dropout"], prenorm=anchor["prenorm"],
