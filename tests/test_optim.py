@@ -122,3 +122,70 @@ def test_schedule_is_inside_the_optimizer_state():
         # Adam's first moments of a constant gradient give a unit step: size = lr(step).
         assert_close(jnp.full(3, -sched(step)), updates["A"], atol=1e-6)
     assert isinstance(tx, optax.GradientTransformation)
+
+
+class Mixer(nnx.Module):
+    def __init__(self, rngs):
+        self.B = SSMParam(jnp.ones(3))
+        self.C = nnx.Param(jnp.ones(3))
+        self.log_dt = SSMParam(jnp.zeros(3))
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(5, 3, rngs=rngs)
+        self.mixer = Mixer(rngs)
+        self.norm = nnx.BatchNorm(3, rngs=rngs)
+        self.B = nnx.Param(jnp.ones(3))  # same name as the mixer's B, outside the mixer
+        self.out = nnx.Linear(3, 2, rngs=rngs)
+
+
+def test_labels_by_name_within_module_types():
+    """``groups`` picks single parameters by attribute name (only inside ``within`` modules);
+    ``no_decay_modules`` covers every parameter of norm / embedding modules."""
+    net = Net(nnx.Rngs(0))
+    labels = param_labels(
+        net, groups={"B": "ssm_decay", "log_dt": "no_decay", "C": "ssm"}, within=Mixer,
+        no_decay_names=("bias",), no_decay_modules=(nnx.BatchNorm, nnx.Embed),
+    )  # fmt: skip
+    flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(labels)}
+    assert flat == {
+        "B": "default",
+        "embed/embedding": "no_decay",
+        "mixer/B": "ssm_decay",
+        "mixer/C": "ssm",
+        "mixer/log_dt": "no_decay",
+        "norm/bias": "no_decay",
+        "norm/scale": "no_decay",
+        "out/bias": "no_decay",
+        "out/kernel": "default",
+    }
+    without = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(
+        param_labels(net, groups={"B": "ssm_decay"}))}  # fmt: skip
+    assert without["B"] == without["mixer/B"] == "ssm_decay"
+    with pytest.raises(ValueError, match="groups names 'Bx' match no parameter inside Mixer"):
+        param_labels(net, groups={"Bx": "ssm"}, within=Mixer)
+    assert param_labels(net, groups={"Bx": "ssm"}, strict=False) is not None
+    with pytest.raises(ValueError, match=r"groups\['B'\] must be one of ssm, ssm_decay"):
+        param_labels(net, groups={"B": "fast"})
+    with pytest.raises(TypeError, match="pass the nnx.Module, not its state"):
+        param_labels(nnx.state(net, nnx.Param), no_decay_modules=nnx.BatchNorm)
+
+
+def test_ssm_decay_group_and_schedule_fn():
+    """``ssm_decay`` trains at ``ssm_lr`` with the main weight decay; ``schedule_fn`` sets
+    every group's schedule (scaled to its peak)."""
+    net = Net(nnx.Rngs(0))
+    lr, ssm_lr, wd = 0.1, 0.01, 0.5
+    tx = make_optimizer(
+        net, lr=lr, ssm_lr=ssm_lr, weight_decay=wd, groups={"B": "ssm_decay"}, within=Mixer,
+        schedule_fn=lambda peak: optax.constant_schedule(peak / 2),
+    )  # fmt: skip
+    params = nnx.as_pure(nnx.state(net, nnx.Param))
+    state = tx.init(params)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    assert_close(-ssm_lr / 2 * wd * params["mixer"]["B"], updates["mixer"]["B"], atol=1e-8)
+    assert_close(-lr / 2 * wd * params["B"], updates["B"], atol=1e-8)
+    assert_close(jnp.zeros(3), updates["mixer"]["log_dt"], exact=True)
+    with pytest.raises(ValueError, match="give warmup_steps and total_steps, or a schedule_fn"):
+        make_optimizer(net, lr=lr, ssm_lr=ssm_lr, weight_decay=wd)
