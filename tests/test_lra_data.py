@@ -455,7 +455,13 @@ def test_pathfinder_cache(tmp_path, monkeypatch):
     assert (rows == 77).all(axis=1).sum() == 1
     with np.load(cache_file) as f:
         assert (f["pixels"] == 77).all(axis=1).sum() == 1
-    # A changed metadata file (relabelled) does too.
+    # A damaged cache file is rebuilt.
+    cache_file.write_bytes(cache_file.read_bytes()[:100])
+    again = lra.load_task("pathfinder", root, cache_dir=cache_dir)
+    np.testing.assert_array_equal(again.train.inputs.values, third.train.inputs.values)
+    with np.load(cache_file) as f:
+        assert f["pixels"].shape == (10, 1024)
+    # A changed metadata file (relabelled) invalidates the cache too.
     meta = root / lra.PATHFINDER_DIFFICULTY / "metadata" / "0.npy"
     meta.write_text(meta.read_text().replace(" 0 0 14", " 0 1 14"))
     os.utime(meta, ns=(2, 2))

@@ -61,6 +61,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -569,7 +570,7 @@ def _load_cache(path: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
                 logger.info("pathfinder cache %s is stale (sources changed): rebuilding", path)
                 return None
             return f["pixels"], f["labels"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         logger.warning("pathfinder cache %s unreadable (%s): rebuilding", path, e)
         return None
 
