@@ -72,7 +72,8 @@ def test_cli_run_learns_and_evaluates(listops_dir, tmp_path, toy_mixer, capsys):
     assert lra_train.main(args + sum((["--set", s] for s in sets), [])) == 0
     run = tmp_path / "listops-s4d-demo"
     printed = capsys.readouterr().out
-    assert "test accuracy" in printed
+    summary = json.loads((run / "summary.json").read_text())
+    assert printed.strip() == lra_train.format_summary("listops-s4d-demo", summary)
     rows = lra_train.read_metrics(run / "metrics.jsonl")
     train_rows = [r for r in rows if r["split"] == "train"]
     assert len(train_rows) == 80 // 5
@@ -86,11 +87,12 @@ def test_cli_run_learns_and_evaluates(listops_dir, tmp_path, toy_mixer, capsys):
     assert lra_evaluate.main(["--checkpoint", str(run / "checkpoints" / "80")]) == 0
     printed = capsys.readouterr().out
     for split in ("val", "test"):
-        row = [r for r in rows if r["split"] == split][-1]
+        row = [r for r in rows if r["split"] == split and r["step"] == 80][-1]
         assert f"step 80 {split}: accuracy {row['accuracy']:.4f}, loss {row['loss']:.4f}" in printed
-    # An existing run is never silently overwritten.
-    with pytest.raises(FileExistsError, match="--resume"):
-        lra_train.main(args + sum((["--set", s] for s in sets), []))
+        assert summary["final"][split]["accuracy"] == row["accuracy"]
+    # An existing run is never silently overwritten: one error line, exit status 1.
+    assert lra_train.main(args + sum((["--set", s] for s in sets), [])) == 1
+    assert (run / "checkpoints" / "80").is_dir()
     with pytest.raises(FileNotFoundError, match="neither a run directory"):
         lra_evaluate.locate(tmp_path)
 
@@ -114,7 +116,7 @@ def test_resume_reproduces_uninterrupted_run(listops_dir, tmp_path, toy_mixer):
     rows_a = _comparable(lra_train.read_metrics(tmp_path / "a" / "metrics.jsonl"))
     rows_b = _comparable(lra_train.read_metrics(tmp_path / "b" / "metrics.jsonl"))
     assert rows_a == rows_b
-    assert resumed["test"] == full["test"]
+    assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
     changed = make_config("listops", "s4d", "demo", {**base, "run_name": "b", "lr": 0.5})
     with pytest.raises(ValueError, match="changed: lr"):
         lra_train.train(changed, resume=True)
@@ -172,7 +174,7 @@ def test_configs_for_every_task_and_model():
             for preset in ("published", "demo"):
                 cfg = make_config(task, model, preset)
                 assert cfg.task == task and cfg.model == model
-    s4 = make_config("listops", "s4")
+    s4 = make_config("listops", "s4", "s4-2023")
     assert (s4.n_layers, s4.d_model, s4.mixer["d_state"], s4.prenorm, s4.lr, s4.weight_decay,
             s4.batch_size, s4.epochs, s4.norm, s4.ssm_lr) == (
         6, 256, 4, False, 0.01, 0.05, 32, 40, "batch", 1e-3)  # fmt: skip

@@ -1,11 +1,14 @@
 """Evaluate a trained LRA checkpoint.
 
-``python -m experiments.lra.evaluate --checkpoint runs/<run> [--data DIR] [--step N]
-[--split test|val|both]``
+``python -m experiments.lra.evaluate --checkpoint runs/<run> [--data DIR]
+[--step best|latest|N] [--split test|val|both]``
 
-``--checkpoint`` is a run directory (its latest checkpoint is used unless ``--step`` is
-given) or one step folder ``runs/<run>/checkpoints/<step>``. The model is rebuilt from the
-run's ``config.json``; ``--data`` points at a dataset folder other than the configured one.
+``--checkpoint`` is a run directory or one step folder ``runs/<run>/checkpoints/<step>``.
+For a run directory the checkpoint of the best validation accuracy is used (what the papers
+report; the training loop keeps it besides the latest ones) unless ``--step`` names another:
+``latest`` or a step number. The model is rebuilt from the run's ``config.json``; ``--data``
+points at a dataset folder other than the configured one. A checkpoint that cannot be read
+is one error naming its step and the other steps available.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ import sys
 from pathlib import Path
 
 from experiments.lra.configs import Config
-from experiments.lra.train import Experiment, checkpoint_manager, load_data, restore_checkpoint
+from experiments.lra.train import (
+    USER_ERRORS,
+    Experiment,
+    checkpoint_manager,
+    load_data,
+    restore_checkpoint,
+)
 
 logger = logging.getLogger("experiments.lra")
 
@@ -35,28 +44,53 @@ def locate(checkpoint: str | Path) -> tuple[Path, int | None]:
     )
 
 
+def _parse_step(step: int | str | None) -> int | str:
+    if step is None:
+        return "best"
+    if isinstance(step, int) or str(step).isdigit():
+        return int(step)
+    if step in ("best", "latest"):
+        return step
+    raise ValueError(f"step must be 'best', 'latest' or a step number; got {step!r}")
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     *,
     data_dir: str | None = None,
-    step: int | None = None,
+    step: int | str | None = None,
     splits: tuple[str, ...] = ("val", "test"),
 ) -> dict:
     """Restore a checkpoint and evaluate it; returns ``{"step": s, split: {loss, accuracy,
-    count}}``."""
+    count}}``.
+
+    ``step``: ``None`` / ``"best"`` (default: the best-validation checkpoint of a run
+    directory, the given step of a step folder), ``"latest"``, or a step number. Raises
+    :class:`~experiments.lra.train.CheckpointError` naming the step when it cannot be read.
+    """
     run, located_step = locate(checkpoint)
-    step = located_step if step is None else step
+    choice = _parse_step(located_step if step is None and located_step is not None else step)
     cfg = Config.from_dict(json.loads((run / "config.json").read_text()))
-    data = load_data(cfg, data_dir)
-    exp = Experiment(cfg, data)
-    mgr = checkpoint_manager(run / "checkpoints", cfg.keep_checkpoints)
-    if step is not None and step not in mgr.all_steps():
-        raise FileNotFoundError(
-            f"no checkpoint for step {step} in {run / 'checkpoints'}; "
-            f"available: {sorted(mgr.all_steps())}"
-        )
-    restored = restore_checkpoint(mgr, exp, step)
-    mgr.close()
+    mgr = checkpoint_manager(run / "checkpoints", cfg.keep_checkpoints, create=False)
+    try:
+        if not mgr.all_steps():
+            raise FileNotFoundError(f"no checkpoint in {run / 'checkpoints'}")
+        if choice == "latest":
+            chosen = mgr.latest_step()
+        elif choice == "best":
+            chosen = mgr.best_step()  # the latest step when no checkpoint has metrics
+        else:
+            chosen = choice
+            if chosen not in mgr.all_steps():
+                raise FileNotFoundError(
+                    f"no checkpoint for step {chosen} in {run / 'checkpoints'}; "
+                    f"available: {sorted(mgr.all_steps())}"
+                )
+        data = load_data(cfg, data_dir)
+        exp = Experiment(cfg, data)
+        restored = restore_checkpoint(mgr, exp, chosen)
+    finally:
+        mgr.close()
     results: dict = {"step": restored}
     for split in splits:
         results[split] = exp.evaluate(split)
@@ -64,19 +98,26 @@ def evaluate_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point."""
+    """CLI entry point; returns 1 after an error (logged as one line)."""
     parser = argparse.ArgumentParser(description="Evaluate an LRA checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="run directory or step folder")
     parser.add_argument("--data", default=None, help="dataset folder (default: the run's)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--step", default=None,
+        help="best (default for a run directory), latest, or a step number",
+    )  # fmt: skip
     parser.add_argument("--split", choices=("val", "test", "both"), default="both")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("absl").setLevel(logging.WARNING)
     splits = ("val", "test") if args.split == "both" else (args.split,)
-    results = evaluate_checkpoint(
-        args.checkpoint, data_dir=args.data, step=args.step, splits=splits
-    )
+    try:
+        results = evaluate_checkpoint(
+            args.checkpoint, data_dir=args.data, step=args.step, splits=splits
+        )
+    except USER_ERRORS as e:
+        logger.error("error: %s", e)
+        return 1
     for split in splits:
         r = results[split]
         print(
