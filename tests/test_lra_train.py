@@ -73,7 +73,7 @@ def test_cli_run_learns_and_evaluates(listops_dir, tmp_path, toy_mixer, capsys):
     run = tmp_path / "listops-s4d-demo"
     printed = capsys.readouterr().out
     summary = json.loads((run / "summary.json").read_text())
-    assert printed.strip() == lra_train.format_summary("listops-s4d-demo", summary)
+    assert printed.splitlines()[-1] == lra_train.format_summary("listops-s4d-demo", summary)
     rows = lra_train.read_metrics(run / "metrics.jsonl")
     train_rows = [r for r in rows if r["split"] == "train"]
     assert len(train_rows) == 80 // 5
