@@ -477,10 +477,11 @@ def _move_broken(out: Path, ckpt_dir: Path, steps: list[int]) -> None:
 
 
 class _QuietClosedLoop:
-    """After a failed orbax restore, tensorstore callbacks still post to orbax's closed
+    """During a failed orbax restore, tensorstore callbacks still post to orbax's closed
     event loop and each prints a ``RuntimeError: Event loop is closed`` traceback (through
-    ``sys.unraisablehook``), and asyncio logs "Future exception was never retrieved" for
-    the abandoned reads. Installed once, after the first failure: drops exactly those."""
+    ``sys.unraisablehook``; 25+ of them), and asyncio logs "Future exception was never
+    retrieved" for the abandoned reads. Installed once, before the first restore: drops
+    exactly those two and passes everything else on."""
 
     installed = False
 
@@ -503,9 +504,10 @@ class _QuietClosedLoop:
         )
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 200) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    line = text[0] if text else ""
+    return f"{type(e).__name__}: {line[:limit] + ' ...' if len(line) > limit else line}"
 
 
 def save_checkpoint(
@@ -547,6 +549,7 @@ def restore_checkpoint(mgr: ocp.CheckpointManager, exp: Experiment, step: int | 
         exp.state,
         exp.state_sharding,
     )
+    _QuietClosedLoop.install()
     try:
         restored = mgr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
@@ -554,7 +557,6 @@ def restore_checkpoint(mgr: ocp.CheckpointManager, exp: Experiment, step: int | 
         state = restored.state
         jax.block_until_ready(state)
     except Exception as e:
-        _QuietClosedLoop.install()
         raise CheckpointError(
             f"checkpoint step {step} in {mgr.directory} cannot be read: it is corrupted or "
             f"does not match this model ({_first_line(e)}); other steps: "
