@@ -220,7 +220,7 @@ def test_bad_input_raises(cls):
     with pytest.raises(ValueError, match="channels must be a positive integer"):
         cls(H, N, channels=0, rngs=nnx.Rngs(0))
     layer = _layer(cls)
-    with pytest.raises(ValueError, match=r"x must have shape \(B, L, H\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, L, 3\)"):
         layer(jnp.zeros((L, H)))
     with pytest.raises(ValueError, match=r"x must have shape \(B, L, 3\)"):
         layer(jnp.zeros((BATCH, L, H + 1)))
@@ -228,7 +228,7 @@ def test_bad_input_raises(cls):
         layer(_input(), mask=jnp.ones((BATCH, L + 1), bool))
     with pytest.raises(ValueError, match="state must have shape"):
         layer(_input(), state=jnp.zeros((BATCH, H, N), jnp.complex64))
-    with pytest.raises(ValueError, match=r"x_t must have shape \(B, H\)"):
+    with pytest.raises(ValueError, match=r"x_t must have shape \(B, 3\)"):
         layer.step(layer.init_state(BATCH), _input())
     bidir = _layer(cls, bidirectional=True)
     with pytest.raises(ValueError, match="no causal state"):
@@ -338,3 +338,73 @@ def test_s4_cauchy_lowers_for_accelerators(backend, platform):
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     lowered = step.trace(params, x).lower(lowering_platforms=(platform,))
     assert "func.func public @main" in lowered.as_text()
+
+
+def _tiled_full_layer(shared, cls, h, s, **kw):
+    """A layer with one SSM per feature whose Λ / P / B are ``shared``'s, tiled so that
+    feature ``f`` holds SSM ``f mod s``; Δ, C and D copied."""
+    full = cls(h, N, chunk_size=T, param_dtype=jnp.float64, rngs=nnx.Rngs(1), **kw)
+    for name in ("A_re_log", "A_im", "B", "P"):
+        if hasattr(shared, name):
+            value = getattr(shared, name)[...]
+            tile = [1] * value.ndim
+            tile[1 if name == "P" else 0] = h // s
+            getattr(full, name)[...] = jnp.tile(value, tile)
+    for name in ("log_dt", "C", "D"):
+        getattr(full, name)[...] = getattr(shared, name)[...]
+    return full
+
+
+@pytest.mark.parametrize("cls", [S4D, S4])
+def test_n_ssm_equals_a_full_layer_with_tiled_parameters(x64, cls):
+    """``n_ssm = S``: Λ / P / B stored once per SSM ``(S, N/2)`` and Δ per feature, as
+    state-spaces/s4; equal to a per-feature layer holding the tiled parameters in every mode
+    (outputs, state in and out, right padding, stepping). The layer shapes are the file's
+    (H = 3, so S = 1); the feature → SSM order (``h mod S``) is checked at H = 4, S = 2."""
+    shared = cls(H, N, n_ssm=1, chunk_size=T, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    assert shared.n_ssm == 1
+    assert shared.A_re_log.shape == shared.A_im.shape == (1, N // 2)
+    assert shared.B.shape == (1, N // 2, 2) and shared.log_dt.shape == (H,)
+    if cls is S4:
+        assert shared.P.shape == (1, 1, N // 2, 2)
+    full = _tiled_full_layer(shared, cls, H, 1)
+    x = _input(dtype="float64")
+    # The shapes of test_mask_equals_unpadded_sequences: their eager primitives are reused.
+    mask = jnp.arange(L)[None, :] < jnp.asarray([13, 1])[:, None]
+    state0 = shared.init_state(BATCH) + 0.1 - 0.2j
+    for mode in RUN_MODES:
+        shared.mode = full.mode = mode
+        got = shared(x, mask, state=state0, return_state=True)
+        ref = full(x, mask, state=state0, return_state=True)
+        assert_close(ref, got, name=mode)
+    state, ref_state = shared.init_state(BATCH), full.init_state(BATCH)
+    for t in range(2):
+        state, y_t = shared.step(state, x[:, t])
+        ref_state, ref_t = full.step(ref_state, x[:, t])
+        assert_close(ref_t, y_t, name=f"step {t}")
+    assert_close(ref_state, state)
+
+    # Feature h uses SSM h mod S (state-spaces/s4's repeat 't n -> (v t) n'): the discrete
+    # systems of H = 4, S = 2 and of its tiled full layer are identical.
+    shared = cls(4, N, n_ssm=2, chunk_size=T, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    full = _tiled_full_layer(shared, cls, 4, 2)
+    for a, b in zip(shared._system(jnp.float64), full._system(jnp.float64), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("cls", [S4D, S4])
+def test_n_ssm_default_is_one_ssm_per_feature(cls):
+    """``n_ssm=None`` and ``n_ssm=H`` build the same layer as before the option existed:
+    parameters ``(H, N/2)`` and identical outputs; ``n_ssm`` must divide ``H``."""
+    default, explicit = _layer(cls), _layer(cls, n_ssm=H)
+    assert default.n_ssm == H and default.A_re_log.shape == (H, N // 2)
+    x = _input()
+    np.testing.assert_array_equal(np.asarray(default(x)), np.asarray(explicit(x)))
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(default)), jax.tree.leaves(nnx.state(explicit)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="n_ssm must divide d_model.*n_ssm=2, d_model=3"):
+        _layer(cls, n_ssm=2)
+    with pytest.raises(ValueError, match="n_ssm must be a positive integer"):
+        _layer(cls, n_ssm=0)

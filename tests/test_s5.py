@@ -386,7 +386,7 @@ def test_layer_option_errors():
 def test_layer_bad_input_raises():
     layer = _layer("float32")
     x = _u(dtype=jnp.float32)
-    with pytest.raises(ValueError, match=r"x must have shape \(B, L, H\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, L, 3\)"):
         layer(x[0])
     with pytest.raises(ValueError, match=r"x must have shape \(B, L, 3\)"):
         layer(x[..., :2])

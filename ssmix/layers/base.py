@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssmix._checks import check_ndim
+
 
 class SSMParam(nnx.Param):
     """A state-space parameter (Λ / A, P, B, Δ): own learning rate, no weight decay."""
@@ -32,3 +34,23 @@ def as_complex(var: nnx.Variable | jax.Array) -> jax.Array:
     """Read a real ``(..., 2)`` variable (or array) back as a complex array ``(...)``."""
     value = var[...] if isinstance(var, nnx.Variable) else var
     return jax.lax.complex(value[..., 0], value[..., 1])
+
+
+def mask_ends(mask: jax.Array) -> jax.Array:
+    """``(B,)`` one past each row's last valid position of ``mask (B, L)`` (0 if none): the
+    length for right padding."""
+    L = mask.shape[1]
+    return jnp.max(jnp.where(mask, jnp.arange(1, L + 1), 0), axis=1)
+
+
+def check_step_input(x_t: jax.Array, features: int) -> None:
+    """``x_t`` of :meth:`step`: a floating ``(B, features)`` array (integers would come back
+    truncated: ``TypeError``)."""
+    check_ndim("x_t", x_t, 2, f"(B, {features})")
+    if not jnp.issubdtype(x_t.dtype, jnp.floating):
+        raise TypeError(
+            f"x_t must be a floating-point array (float32, float64, bfloat16, ...); got "
+            f"{x_t.dtype}: cast it, e.g. x_t.astype(jnp.float32)"
+        )
+    if x_t.shape[1] != features:
+        raise ValueError(f"x_t must have shape (B, {features}); got {x_t.shape}")

@@ -20,6 +20,20 @@ check outputs, states and gradients of every pair):
 The state is complex ``(B, H, N/2)``: the half modes of the conjugate-symmetric full state
 (for S4 in the HiPPO eigenbasis). ``__call__`` takes and returns it for chunked inference;
 ``step`` advances it one position for autoregressive decoding.
+
+``n_ssm`` (as in state-spaces/s4, ``src/models/sequence/kernels/ssm.py``): the state matrix
+(``Λ``, ``P``) and ``B`` are stored once per SSM, ``(n_ssm, N/2)``, and feature ``h`` uses SSM
+``h mod n_ssm`` (the anchor's ``repeat(A, 't n -> (v t) n')``); ``Δ``, ``C`` and ``D`` stay per
+feature. ``n_ssm=None`` (default) is one SSM per feature.
+
+Masks: padded positions (``mask`` False) are zero inputs: the state decays through them as
+through any zero input, and a non-finite value there never reaches an output (it is replaced,
+not multiplied, by zero). The returned state is the state right after each sequence's last
+valid position, so it is right for right padding, left padding and holes alike, and the same
+in every mode. Without a mask an input position reaches every output in the ``"fft"`` mode
+(the FFT mixes all positions: a NaN anywhere makes every output NaN) and every output of its
+chunk in the ``"chunked"`` mode (``0·NaN`` in the in-chunk Toeplitz product); only the
+``"scan"`` mode keeps a non-finite future input away from earlier outputs.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from flax import nnx
 
 from ssmix import hippo
 from ssmix._backend import resolve_backend
-from ssmix._checks import check_choice, check_even, check_ndim, check_positive_int
+from ssmix._checks import check_choice, check_even, check_positive_int, check_sequence_input
 from ssmix.kernels.cauchy import (
     _to_real,
     dplr_chunk_operators,
@@ -52,7 +66,7 @@ from ssmix.kernels.vandermonde import (
     chunked_state_forward,
     chunked_state_output,
 )
-from ssmix.layers.base import SSMParam, as_complex, complex_param
+from ssmix.layers.base import SSMParam, as_complex, check_step_input, complex_param, mask_ends
 
 __all__ = ["MODES", "LTISSM", "S4", "S4_INITS", "S4_KERNELS", "auto_kernel", "auto_mode"]
 
@@ -182,8 +196,17 @@ class LTISSM(nnx.Module):
         param_dtype: Any,
         rngs: nnx.Rngs,
         drop_kernel: float = 0.0,
+        n_ssm: int | None = None,
     ):
         check_positive_int("d_model", d_model)
+        if n_ssm is None:
+            n_ssm = d_model
+        check_positive_int("n_ssm", n_ssm)
+        if d_model % n_ssm:
+            raise ValueError(
+                f"n_ssm must divide d_model (feature h uses SSM h mod n_ssm); got "
+                f"n_ssm={n_ssm}, d_model={d_model}"
+            )
         if not 0.0 <= drop_kernel < 1.0:
             raise ValueError(f"drop_kernel must be in [0, 1); got {drop_kernel!r}")
         check_even("d_state", d_state)
@@ -194,6 +217,7 @@ class LTISSM(nnx.Module):
             raise TypeError(f"bidirectional must be a bool; got {bidirectional!r}")
         self.d_model = d_model
         self.d_state = d_state
+        self.n_ssm = n_ssm
         self.channels = channels
         self.bidirectional = bidirectional
         self.mode = mode
@@ -214,6 +238,15 @@ class LTISSM(nnx.Module):
     @property
     def _complex_dtype(self):
         return jnp.promote_types(self.param_dtype, jnp.complex64)
+
+    def _per_feature(self, a, axis: int = 0):
+        """Tile a per-SSM array (``n_ssm`` along ``axis``) to one entry per feature (``H``):
+        feature ``h`` takes SSM ``h mod n_ssm``. The identity when ``n_ssm = H``."""
+        if self.n_ssm == self.d_model:
+            return a
+        reps = [1] * a.ndim
+        reps[axis] = self.d_model // self.n_ssm
+        return jnp.tile(a, reps)
 
     # ----------------------------------------------------------------------------------------
     # Hooks implemented by S4 and S4D. `sys` is whatever `_system` returns; `C` is
@@ -306,9 +339,10 @@ class LTISSM(nnx.Module):
 
         Args:
           x: input ``(B, L, H)``.
-          mask: optional bool ``(B, L)``, True at valid positions (right padding). Padded
-            inputs are ignored, padded outputs are zero, and the returned state is each
-            sequence's state after its last valid position.
+          mask: optional bool ``(B, L)``, True at valid positions. Padded inputs count as
+            zeros (whatever they hold, NaN included), padded outputs are zero, and the
+            returned state is each sequence's state right after its last valid position
+            (see the module docstring).
           state: optional complex ``(B, H, N/2)`` state before the sequence (causal only).
           return_state: also return the state after the sequence (causal only).
           rngs: ``nnx.Rngs`` with a ``dropout`` stream, needed only when ``drop_kernel > 0``
@@ -318,10 +352,10 @@ class LTISSM(nnx.Module):
         Returns:
           ``y (B, L, d_output)``, or ``(y, state)`` with ``return_state``.
         """
-        check_ndim("x", x, 3, "(B, L, H)")
+        check_sequence_input(x, mask, self.d_model)
+        # The mode may have been reassigned since construction.
+        check_choice("mode", self.mode, MODES)
         Bsz, L, H = x.shape
-        if H != self.d_model:
-            raise ValueError(f"x must have shape (B, L, {self.d_model}); got {x.shape}")
         if self.bidirectional and (state is not None or return_state):
             raise ValueError(
                 "a bidirectional layer reads the future, so it has no causal state: "
@@ -329,10 +363,6 @@ class LTISSM(nnx.Module):
             )
         if state is not None:
             self._check_state(state, Bsz)
-        if mask is not None:
-            if getattr(mask, "shape", None) != (Bsz, L):
-                raise ValueError(f"mask must have shape (B, L) = {(Bsz, L)}; got {mask.shape}")
-            mask = mask.astype(bool)
         dtype = self._dtype(x)
         u = x.astype(dtype)
         if mask is not None:
@@ -350,19 +380,23 @@ class LTISSM(nnx.Module):
 
         final = None
         if mode == "scan":
+            # Padded inputs are zero and the state decays through them up to the last valid
+            # position; after it the state is held, so the scan ends on the state there.
+            live = None if mask is None else jnp.arange(L)[None, :] < mask_ends(mask)[:, None]
             y, final = _blocked_scan(
                 self._scan_block(sys, C_f, False),
                 self._zero_or(cstate, Bsz, C_f),
                 u,
-                mask,
+                live,
                 _SCAN_BLOCK,
             )
             if C_b is not None:
+                # No state comes out of the backward direction: every position decays.
                 y_b, _ = _blocked_scan(
                     self._scan_block(sys, C_b, True),
                     self._zero_or(None, Bsz, C_f),
                     u[:, ::-1],
-                    None if mask is None else mask[:, ::-1],
+                    None,
                     _SCAN_BLOCK,
                 )
                 y = y + y_b[:, ::-1]
@@ -406,22 +440,23 @@ class LTISSM(nnx.Module):
         return jnp.zeros((batch, self.d_model, self.d_state // 2), C.dtype)
 
     def _final_state(self, sys, u, state, mask):
-        """State after the sequence; with a mask, after each sequence's last valid position.
+        """State after the sequence; with a mask, right after each sequence's last valid
+        position ``e_b − 1`` (padded inputs are zero and the state decays through them).
 
-        With right padding, rolling each sequence so that its valid part ends at ``L − 1``
-        makes the padded zeros precede it; their contribution is zero, so the state after the
-        rolled sequence is the state after the valid part, plus ``Ā^{n_b}`` times the
-        incoming state.
+        Rolling each sequence by ``e_b`` puts position ``e_b − 1`` at ``L − 1`` and the
+        (zeroed) positions after it in front, where they contribute nothing; the state after
+        the rolled sequence is the state at ``e_b − 1``, plus ``Ā^{e_b}`` times the incoming
+        state. With right padding ``e_b`` is the length.
         """
         if mask is None:
             return self._state_forward(sys, u, state)
         L = u.shape[1]
-        lengths = jnp.sum(mask, axis=1)
-        idx = (jnp.arange(L)[None, :] + lengths[:, None]) % L
+        ends = mask_ends(mask)
+        idx = (jnp.arange(L)[None, :] + ends[:, None]) % L
         rolled = jnp.take_along_axis(u, idx[..., None], axis=1)
         final = self._state_forward(sys, rolled, None)
         if state is not None:
-            final = final + self._advance(sys, state, lengths, L)
+            final = final + self._advance(sys, state, ends, L)
         return final
 
     def step(self, state, x_t):
@@ -436,9 +471,7 @@ class LTISSM(nnx.Module):
         """
         if self.bidirectional:
             raise ValueError("a bidirectional layer cannot be stepped: it reads the future")
-        check_ndim("x_t", x_t, 2, "(B, H)")
-        if x_t.shape[1] != self.d_model:
-            raise ValueError(f"x_t must have shape (B, {self.d_model}); got {x_t.shape}")
+        check_step_input(x_t, self.d_model)
         self._check_state(state, x_t.shape[0])
         dtype = self._dtype(x_t)
         u = x_t.astype(dtype)
@@ -453,11 +486,12 @@ class LTISSM(nnx.Module):
 class S4(LTISSM):
     """S4: an SSM per feature with a DPLR state matrix ``A = diag(Λ) − P P*`` (HiPPO init).
 
-    Parameters (``SSMParam`` unless noted): ``A_re_log`` and ``A_im`` ``(H, N/2)`` with
+    Parameters (``SSMParam`` unless noted): ``A_re_log`` and ``A_im`` ``(S, N/2)`` with
     ``Λ = −exp(A_re_log) + i·A_im`` (real part in log space keeps it negative, as the S4
-    code's default); ``P`` ``(rank, H, N/2, 2)`` and ``B`` ``(H, N/2, 2)`` complex as real
-    pairs; ``log_dt`` ``(H,)``; ``C`` ``(channels[·2], H, N/2, 2)`` and ``D`` ``(channels, H)``
-    are plain ``nnx.Param``. Bilinear discretisation (the only one with a DPLR closed form).
+    code's default); ``P`` ``(rank, S, N/2, 2)`` and ``B`` ``(S, N/2, 2)`` complex as real
+    pairs, ``S = n_ssm`` (default ``H``); ``log_dt`` ``(H,)``; ``C``
+    ``(channels[·2], H, N/2, 2)`` and ``D`` ``(channels, H)`` are plain ``nnx.Param``.
+    Bilinear discretisation (the only one with a DPLR closed form).
 
     ``C`` is stored as the true output matrix, not the S4 code's ``C̃ = C(I − Ā^L)``: the
     kernel of any length ``L`` is exact, stepping and the chunked / scan modes need ``C``
@@ -489,6 +523,8 @@ class S4(LTISSM):
       chunk_size: chunk length of the ``"chunked"`` mode (also used for state maps).
       drop_kernel: dropout rate on the kernel's taps in training (``"fft"`` mode; pass
         ``rngs`` to the call), 0 = off.
+      n_ssm: number of SSMs (``Λ``, ``P``, ``B``) shared by the features, dividing ``H``;
+        feature ``h`` uses SSM ``h mod n_ssm``. None (default): ``H``, one per feature.
       param_dtype: dtype of the real parameter arrays.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
@@ -511,6 +547,7 @@ class S4(LTISSM):
         kernel: str = "auto",
         chunk_size: int = 64,
         drop_kernel: float = 0.0,
+        n_ssm: int | None = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -527,6 +564,7 @@ class S4(LTISSM):
             param_dtype=param_dtype,
             rngs=rngs,
             drop_kernel=drop_kernel,
+            n_ssm=n_ssm,
         )
         if rank is None:
             rank = 2 if init == "legt" else 1
@@ -536,14 +574,14 @@ class S4(LTISSM):
         self.rank = rank
         self.disc = disc
         form = hippo.nplr(init, d_state, rank, b_clip=hippo.S4_B_CLIP)
-        H = d_model
-        lam = jnp.broadcast_to(jnp.asarray(form.Lambda), (H, d_state // 2))
+        H, S = d_model, self.n_ssm
+        lam = jnp.broadcast_to(jnp.asarray(form.Lambda), (S, d_state // 2))
         re = jnp.minimum(lam.real, _MAX_REAL)
         self.A_re_log = SSMParam(jnp.log(-re).astype(self.param_dtype))
         self.A_im = SSMParam(lam.imag.astype(self.param_dtype))
-        P = jnp.broadcast_to(jnp.asarray(form.P)[:, None, :], (rank, H, d_state // 2))
+        P = jnp.broadcast_to(jnp.asarray(form.P)[:, None, :], (rank, S, d_state // 2))
         self.P = complex_param(P.astype(self._complex_dtype))
-        B = jnp.broadcast_to(jnp.asarray(form.B), (H, d_state // 2))
+        B = jnp.broadcast_to(jnp.asarray(form.B), (S, d_state // 2))
         self.B = complex_param(B.astype(self._complex_dtype))
         dt = hippo.dt_init(rngs.params(), (H,), dt_min, dt_max, dtype=self.param_dtype)
         self.log_dt = SSMParam(jnp.log(dt))
@@ -554,7 +592,7 @@ class S4(LTISSM):
         P = as_complex(self.P).astype(cdtype)
         B = as_complex(self.B).astype(cdtype)
         dt = jnp.exp(self.log_dt[...]).astype(dtype)
-        return lam, P, B, dt
+        return self._per_feature(lam), self._per_feature(P, 1), self._per_feature(B), dt
 
     def _kernel(self, sys, C, L):
         kernel = auto_kernel(L) if self.kernel == "auto" else self.kernel

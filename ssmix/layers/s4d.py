@@ -2,8 +2,9 @@
 
 Modes, state, masking and output layout are those of :class:`~ssmix.layers.s4.LTISSM`.
 Initialisations are registered in :data:`S4D_INITS`: each entry maps a name to a function
-``(d_state, d_model, key) -> (A, B)`` returning complex ``(H, N/2)`` arrays, so adding a kind
-(for example PTD) is one function and one dictionary entry.
+``(d_state, n, key) -> (A, B)`` returning complex ``(n, N/2)`` arrays for ``n`` SSMs (the
+layer's ``n_ssm``, by default ``H``), so adding a kind (for example PTD) is one function and
+one dictionary entry.
 """
 
 from __future__ import annotations
@@ -34,16 +35,16 @@ __all__ = ["S4D", "S4D_INITS"]
 
 
 def _hippo_diag(kind: str) -> Callable:
-    def init(d_state: int, d_model: int, key: jax.Array):
+    def init(d_state: int, n: int, key: jax.Array):
         A, B = hippo.diag_init(kind, d_state, key=key)
-        shape = (d_model, d_state // 2)
+        shape = (n, d_state // 2)
         return np.broadcast_to(A, shape), np.broadcast_to(B, shape)
 
     init.__doc__ = f"S4D-{kind} modes from :func:`ssmix.hippo.diag_init`, shared by all features."
     return init
 
 
-def _ptd(d_state: int, d_model: int, key: jax.Array):
+def _ptd(d_state: int, n: int, key: jax.Array):
     """S4-PTD modes: the ``N/2`` modes of :func:`ssmix.hippo.ptd` for HiPPO-LegS of size ``N/2``.
 
     The perturbed spectrum is not conjugate-paired, so instead of one half of ``N/2`` pairs
@@ -54,11 +55,11 @@ def _ptd(d_state: int, d_model: int, key: jax.Array):
     """
     res = hippo.ptd("legs", d_state // 2)
     B = res.Vinv @ hippo.transition("legs", d_state // 2)[1]
-    shape = (d_model, d_state // 2)
+    shape = (n, d_state // 2)
     return np.broadcast_to(res.Lambda, shape), np.broadcast_to(B, shape)
 
 
-#: S4D initialisations: name -> ``(d_state, d_model, key) -> (A (H, N/2), B (H, N/2))``.
+#: S4D initialisations: name -> ``(d_state, n_ssm, key) -> (A (n_ssm, N/2), B (n_ssm, N/2))``.
 S4D_INITS: dict[str, Callable] = {
     kind: _hippo_diag(kind) for kind in ("lin", "inv", "legs", "real", "random")
 }
@@ -68,9 +69,10 @@ S4D_INITS["ptd"] = _ptd
 class S4D(LTISSM):
     """S4D: a diagonal SSM per feature, ``K_ℓ = 2·Re Σ_n C_n B̄_n Ā_n^ℓ``.
 
-    Parameters (``SSMParam`` unless noted): ``A_re_log`` and ``A_im`` ``(H, N/2)`` with
+    Parameters (``SSMParam`` unless noted): ``A_re_log`` and ``A_im`` ``(S, N/2)`` with
     ``A = −exp(A_re_log) + i·A_im`` (negative real part by construction), ``B``
-    ``(H, N/2, 2)`` (complex as real pairs), ``log_dt`` ``(H,)``; ``C``
+    ``(S, N/2, 2)`` (complex as real pairs), ``S = n_ssm`` (default ``H``; feature ``h`` uses
+    SSM ``h mod S``), ``log_dt`` ``(H,)``; ``C``
     ``(channels[·2], H, N/2, 2)`` and ``D`` ``(channels, H)`` are plain ``nnx.Param``.
 
     Args:
@@ -88,6 +90,8 @@ class S4D(LTISSM):
       chunk_size: chunk length of the ``"chunked"`` mode.
       drop_kernel: dropout rate on the kernel's taps in training (``"fft"`` mode; pass
         ``rngs`` to the call), 0 = off.
+      n_ssm: number of SSMs (``A``, ``B``) shared by the features, dividing ``H``; feature
+        ``h`` uses SSM ``h mod n_ssm`` (state-spaces/s4's ``n_ssm``). None (default): ``H``.
       param_dtype: dtype of the real parameter arrays.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
@@ -107,6 +111,7 @@ class S4D(LTISSM):
         mode: str = "auto",
         chunk_size: int = 64,
         drop_kernel: float = 0.0,
+        n_ssm: int | None = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -126,11 +131,12 @@ class S4D(LTISSM):
             param_dtype=param_dtype,
             rngs=rngs,
             drop_kernel=drop_kernel,
+            n_ssm=n_ssm,
         )
         self.init = init
         self.disc = disc
         self.l_max = l_max
-        A, B = S4D_INITS[init](d_state, d_model, rngs.params())
+        A, B = S4D_INITS[init](d_state, self.n_ssm, rngs.params())
         A, B = jnp.asarray(A), jnp.asarray(B)
         if not bool(jnp.all(jnp.isfinite(A)) and jnp.all(jnp.isfinite(B))):
             raise ValueError(f"init {init!r} produced non-finite A or B")
@@ -145,6 +151,7 @@ class S4D(LTISSM):
         A = jax.lax.complex(-jnp.exp(self.A_re_log[...]), self.A_im[...]).astype(cdtype)
         B = as_complex(self.B).astype(cdtype)
         dt = jnp.exp(self.log_dt[...]).astype(dtype)
+        A, B = self._per_feature(A), self._per_feature(B)
         return discretize_diag(A, B, dt, self.disc, l_norm=self.l_max)
 
     def _kernel(self, sys, C, L):

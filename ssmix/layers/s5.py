@@ -33,6 +33,18 @@ Modes (``mode``): ``"sequential"``, ``"associative"``, ``"chunked"`` and ``"para
 the scan of :func:`ssmix.kernels.scan.linear_scan`; ``"materialized"`` multiplies by the
 ``(H, H, L, L)`` matrices of :meth:`S5.materialize` (O(L²H²), the oracle); ``"auto"`` runs
 :func:`auto_mode` for the backend of :func:`ssmix.auto_backend`.
+
+``dt_global`` is lindermanlab/S5's ``--dt_global`` (``s5/train_helpers.py``): it changes no
+computation, only how ``log_step`` trains. S5 then labels it a regular parameter (the global
+learning rate, with weight decay) instead of an SSM one; here ``log_step`` is stored as a plain
+``nnx.Param`` instead of an ``SSMParam``, so :mod:`ssmix.optim` groups it the same way.
+
+Masks: padded positions (``mask`` False) are zero inputs (replaced, not multiplied, so a NaN
+there reaches no output); the state decays through them, and the returned state is the state
+right after each sequence's last valid position (right or left padding, or holes). Without a
+mask, the ``"sequential"`` and ``"associative"`` scans keep a non-finite input away from
+earlier outputs; the ``"chunked"`` / ``"parallel"`` closed-form chunks and ``"materialized"``
+multiply it by zero weights (``0·NaN``) into the earlier outputs of its chunk (or sequence).
 """
 
 from __future__ import annotations
@@ -48,9 +60,9 @@ from flax import nnx
 
 from ssmix import hippo
 from ssmix._backend import resolve_backend
-from ssmix._checks import check_choice, check_ndim, check_positive_int
+from ssmix._checks import check_choice, check_positive_int, check_sequence_input
 from ssmix.kernels.s5 import DISCS, discretize, s5_matrix, s5_output, s5_states, s5_step
-from ssmix.layers.base import SSMParam, as_complex, complex_param
+from ssmix.layers.base import SSMParam, as_complex, check_step_input, complex_param, mask_ends
 
 __all__ = ["S5", "S5_INITS", "C_INITS", "MODES", "auto_mode"]
 
@@ -131,6 +143,8 @@ class S5(nnx.Module):
       dt_min, dt_max: range of the log-uniform step initialisation.
       step_rescale: positive factor on every step (e.g. for inputs at another resolution).
       clip_eigs: clip ``Re Λ`` to ``≤ −1e-4`` so the system stays stable while training.
+      dt_global: store ``log_step`` as a plain ``nnx.Param`` (S5's ``--dt_global``: the step
+        trains with the global learning rate and weight decay; see the module docstring).
       bidirectional: add a backward scan with its own ``C̃`` columns (non-causal).
       mode: ``"auto"``, ``"sequential"``, ``"associative"``, ``"chunked"``, ``"parallel"`` or
         ``"materialized"``.
@@ -153,6 +167,7 @@ class S5(nnx.Module):
         dt_max: float = 1e-1,
         step_rescale: float = 1.0,
         clip_eigs: bool = False,
+        dt_global: bool = False,
         bidirectional: bool = False,
         mode: str = "auto",
         chunk_size: int = 64,
@@ -170,6 +185,7 @@ class S5(nnx.Module):
         for name, flag in (
             ("conj_sym", conj_sym),
             ("clip_eigs", clip_eigs),
+            ("dt_global", dt_global),
             ("bidirectional", bidirectional),
         ):
             if not isinstance(flag, bool):
@@ -195,6 +211,7 @@ class S5(nnx.Module):
         self.disc = disc
         self.step_rescale = float(step_rescale)
         self.clip_eigs = clip_eigs
+        self.dt_global = dt_global
         self.bidirectional = bidirectional
         self.mode = mode
         self.chunk_size = chunk_size
@@ -220,7 +237,7 @@ class S5(nnx.Module):
         self.C = complex_param(jnp.asarray(C, cdtype), nnx.Param)
         self.D = nnx.Param(jax.random.normal(rngs.params(), (H,), self.param_dtype))
         step = hippo.dt_init(rngs.params(), (P_s,), dt_min, dt_max, dtype=self.param_dtype)
-        self.log_step = SSMParam(jnp.log(step))
+        self.log_step = (nnx.Param if dt_global else SSMParam)(jnp.log(step))
 
     def _init_C(self, key, V):
         """One direction's ``C̃ (H, P_s)`` as complex128 NumPy."""
@@ -284,20 +301,20 @@ class S5(nnx.Module):
 
         Args:
           x: input ``(B, L, H)``.
-          mask: optional bool ``(B, L)``, True at valid positions (right padding). Padded
-            inputs are zeroed before the scans, so they reach no valid output in either
-            direction; padded outputs are zero, and the returned state is each sequence's
-            state after its last valid position.
+          mask: optional bool ``(B, L)``, True at valid positions. Padded inputs are
+            replaced by zeros before the scans (whatever they hold, NaN included); padded
+            outputs are zero, and the returned state is each sequence's state right after
+            its last valid position.
           state: optional complex ``(B, P_s)`` state before the sequence (causal only).
           return_state: also return the state after the sequence (causal only).
 
         Returns:
           ``y (B, L, H)``, or ``(y, state)`` with ``return_state``.
         """
-        check_ndim("x", x, 3, "(B, L, H)")
+        check_sequence_input(x, mask, self.d_model)
+        # The mode may have been reassigned since construction.
+        check_choice("mode", self.mode, MODES)
         Bsz, L, H = x.shape
-        if H != self.d_model:
-            raise ValueError(f"x must have shape (B, L, {self.d_model}); got {x.shape}")
         if self.bidirectional and (state is not None or return_state):
             raise ValueError(
                 "a bidirectional layer reads the future, so it has no causal state: "
@@ -305,11 +322,6 @@ class S5(nnx.Module):
             )
         if state is not None:
             self._check_state(state, Bsz)
-        if mask is not None:
-            if getattr(mask, "shape", None) != (Bsz, L):
-                got = getattr(mask, "shape", type(mask).__name__)
-                raise ValueError(f"mask must have shape (B, L) = {(Bsz, L)}; got {got}")
-            mask = mask.astype(bool)
         dtype = self._dtype(x)
         u = x.astype(dtype)
         if mask is not None:
@@ -350,9 +362,10 @@ class S5(nnx.Module):
         return 2 * y if self.conj_sym else y
 
     def _final_state_closed_form(self, Lambda_bar, B_bar, u, x0, mask):
-        """``x_n = Λ̄^n x₀ + Σ_{s<n} Λ̄^{n−1−s} B̄ u_s`` with ``n`` each sequence's length."""
+        """``x_n = Λ̄^n x₀ + Σ_{s<n} Λ̄^{n−1−s} B̄ u_s`` with ``n`` one past each sequence's
+        last valid position (its length for right padding)."""
         Bsz, L, _ = u.shape
-        n = jnp.full((Bsz,), L) if mask is None else jnp.sum(mask, axis=1)
+        n = jnp.full((Bsz,), L) if mask is None else mask_ends(mask)
         rdtype = jnp.finfo(Lambda_bar.dtype).dtype
         lag = (n[:, None] - 1 - jnp.arange(L)[None, :]).astype(rdtype)  # (B, L)
         w = jnp.exp(jnp.log(Lambda_bar) * jnp.maximum(lag, 0)[..., None])
@@ -364,7 +377,7 @@ class S5(nnx.Module):
 
     def _state_at_length(self, states, x0, mask):
         """Each sequence's state after its last valid position (``x₀`` for empty ones)."""
-        n = jnp.sum(mask, axis=1)
+        n = mask_ends(mask)
         idx = jnp.maximum(n - 1, 0)
         picked = jnp.take_along_axis(states, idx[:, None, None], axis=1)[:, 0]
         start = jnp.zeros_like(picked) if x0 is None else x0
@@ -382,9 +395,7 @@ class S5(nnx.Module):
         """
         if self.bidirectional:
             raise ValueError("a bidirectional layer cannot be stepped: it reads the future")
-        check_ndim("x_t", x_t, 2, "(B, H)")
-        if x_t.shape[1] != self.d_model:
-            raise ValueError(f"x_t must have shape (B, {self.d_model}); got {x_t.shape}")
+        check_step_input(x_t, self.d_model)
         self._check_state(state, x_t.shape[0])
         dtype = self._dtype(x_t)
         Lambda_bar, B_bar, C, D = self._system(dtype)
