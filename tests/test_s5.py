@@ -309,6 +309,30 @@ def test_parameter_groups():
     assert sorted(set(labels)) == ["default", "ssm"] and labels.count("ssm") == 4
 
 
+def test_dt_global_moves_log_step_to_the_default_group():
+    """``dt_global`` (lindermanlab/S5's ``--dt_global``) only relabels Δ: ``log_step`` is a
+    plain Param (global learning rate and weight decay), the values and outputs unchanged."""
+    base, glob = _layer("float32"), _layer("float32", dt_global=True)
+    assert not isinstance(glob.log_step, SSMParam) and isinstance(glob.log_step, nnx.Param)
+    np.testing.assert_array_equal(np.asarray(base.log_step[...]), np.asarray(glob.log_step[...]))
+    labels = param_labels(glob)
+    assert labels["log_step"] == "default" and labels["B"] == "ssm"
+    x = _u(dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(base(x)), np.asarray(glob(x)))
+
+
+def test_force_neg_uses_minus_abs_of_the_real_parts(x64):
+    """``force_neg`` (S5-PTD): the layer runs with ``Re Λ ← −|Re Λ|`` whatever is stored."""
+    forced = _layer(force_neg=True)
+    forced.Lambda_re[...] = jnp.abs(forced.Lambda_re[...]) * jnp.where(
+        jnp.arange(forced.d_stored) % 2 == 0, 1.0, -1.0
+    )
+    ref = _layer()
+    ref.Lambda_re[...] = -jnp.abs(forced.Lambda_re[...])
+    x = _u()
+    assert_close(ref(x), forced(x))
+
+
 def test_auto_mode_rule():
     assert auto_mode(1, "cpu") == "sequential" and auto_mode(100_000, "cpu") == "sequential"
     assert auto_mode(1, "gpu") == "parallel" and auto_mode(100_000, "tpu") == "parallel"
@@ -381,6 +405,9 @@ def test_layer_option_errors():
             S5(H, D_STATE, rngs=nnx.Rngs(0), **kw)
     with pytest.raises(TypeError, match="conj_sym must be a bool"):
         S5(H, D_STATE, conj_sym=1, rngs=nnx.Rngs(0))
+    for flag in ("dt_global", "force_neg"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            S5(H, D_STATE, rngs=nnx.Rngs(0), **{flag: 1})
 
 
 def test_layer_bad_input_raises():

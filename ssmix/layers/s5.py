@@ -143,6 +143,8 @@ class S5(nnx.Module):
       dt_min, dt_max: range of the log-uniform step initialisation.
       step_rescale: positive factor on every step (e.g. for inputs at another resolution).
       clip_eigs: clip ``Re Λ`` to ``≤ −1e-4`` so the system stays stable while training.
+      force_neg: use ``Re Λ ← −|Re Λ|`` in every call (S5-PTD's ``--force_neg``, after
+        ``clip_eigs`` when both are set), so training cannot make a mode unstable.
       dt_global: store ``log_step`` as a plain ``nnx.Param`` (S5's ``--dt_global``: the step
         trains with the global learning rate and weight decay; see the module docstring).
       bidirectional: add a backward scan with its own ``C̃`` columns (non-causal).
@@ -167,6 +169,7 @@ class S5(nnx.Module):
         dt_max: float = 1e-1,
         step_rescale: float = 1.0,
         clip_eigs: bool = False,
+        force_neg: bool = False,
         dt_global: bool = False,
         bidirectional: bool = False,
         mode: str = "auto",
@@ -185,6 +188,7 @@ class S5(nnx.Module):
         for name, flag in (
             ("conj_sym", conj_sym),
             ("clip_eigs", clip_eigs),
+            ("force_neg", force_neg),
             ("dt_global", dt_global),
             ("bidirectional", bidirectional),
         ):
@@ -211,6 +215,7 @@ class S5(nnx.Module):
         self.disc = disc
         self.step_rescale = float(step_rescale)
         self.clip_eigs = clip_eigs
+        self.force_neg = force_neg
         self.dt_global = dt_global
         self.bidirectional = bidirectional
         self.mode = mode
@@ -268,6 +273,8 @@ class S5(nnx.Module):
         re = self.Lambda_re[...]
         if self.clip_eigs:
             re = jnp.minimum(re, _CLIP_RE)
+        if self.force_neg:
+            re = -jnp.abs(re)
         Lambda = jax.lax.complex(re, self.Lambda_im[...]).astype(cdtype)
         step = (self.step_rescale * jnp.exp(self.log_step[...])).astype(dtype)
         Lambda_bar, B_bar = discretize(Lambda, as_complex(self.B).astype(cdtype), step, self.disc)
