@@ -3,8 +3,13 @@
 All three take ``x (B, L, features)`` and an optional boolean ``mask (B, L)`` (True = valid,
 right padding) and return ``(B, L, features)``: linear projections to heads, the mixing kernel
 from :mod:`ssmix.kernels.attention`, a linear output projection. Padded positions never
-influence valid outputs. ``materialize(x, mask=None)`` returns the per-head mixing weights
-(the matrix M of ``y = M v`` before the output projection) for inspection and testing.
+influence valid outputs: their inputs are replaced by zeros on entry (``jnp.where``, so even a
+NaN or inf stored there reaches no valid output and no parameter gradient), and the kernels
+give masked keys zero weight. Input rule: :func:`ssmix._checks.check_sequence_input` (floating
+``x``, boolean mask, ``L ≥ 1``); the choices (``method``, ``variant``) are checked again at
+call time, so a bad value assigned after construction fails clearly. ``materialize(x,
+mask=None)`` returns the per-head mixing weights (the matrix M of ``y = M v`` before the output
+projection) for inspection and testing.
 """
 
 from __future__ import annotations

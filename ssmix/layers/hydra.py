@@ -7,11 +7,13 @@ quasiseparable mixer :func:`ssmix.kernels.ssd.quasiseparable` with ``A = −exp(
 by both directions and diagonal ``δ = D + W_D x``; gated RMSNorm with ``z``; ``out_proj``.
 The pieces and their order match goombalab/hydra, so parameters port one to one.
 
-Padding (``mask (B, L)``, True = valid, right padding): the convolution reads and writes
-zeros at padded positions (so ``x``, ``B`` and ``C`` vanish there) and ``dt`` is set to 0
-there. A zero step neither decays the state nor adds to it, so the backward scan starts, in
-effect, at the last valid position with its initial state intact, and nothing from the
-padding reaches a valid output: valid outputs equal those of each sequence run alone.
+Padding (``mask (B, L)``, True = valid, right padding): padded inputs are replaced by zeros
+before ``in_proj`` (``jnp.where``: a NaN or inf stored there reaches no valid output and no
+parameter gradient), the convolution reads and writes zeros at padded positions (so ``x``,
+``B`` and ``C`` vanish there) and ``dt`` is set to 0 there. A zero step neither decays the
+state nor adds to it, so the backward scan starts, in effect, at the last valid position with
+its initial state intact, and nothing from the padding reaches a valid output: valid outputs
+equal those of each sequence run alone.
 
 Modes are the methods of :func:`~ssmix.kernels.ssd.quasiseparable`; ``mode="auto"`` resolves
 by :func:`auto_mode` when the layer is called (traced), from :func:`ssmix.auto_backend`.

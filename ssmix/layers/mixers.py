@@ -37,10 +37,11 @@ length ``n`` sees exactly the matrix it would see alone). ``max_len`` is require
 kind: it sizes the DI parameters and fixes the normalisation constants, which must not depend
 on the (padded) length; inputs longer than ``max_len`` are rejected.
 
-Padding (``mask (B, L)``, True = valid, right padding): the convolution reads zeros at padded
-positions and writes zeros there, so ``v`` and the features vanish on padding; attention
-masks padded keys; the SSD kinds get ``dt = 0`` on padding. Valid outputs therefore equal
-those of each sequence run alone.
+Padding (``mask (B, L)``, True = valid, right padding): padded inputs are replaced by zeros
+before ``in_proj`` (``jnp.where``, so a NaN or inf stored there reaches no valid output and no
+parameter gradient); the convolution reads zeros at padded positions and writes zeros there, so
+``v`` and the features vanish on padding; attention masks padded keys; the SSD kinds get ``dt =
+0`` on padding. Valid outputs therefore equal those of each sequence run alone.
 """
 
 from __future__ import annotations
