@@ -744,7 +744,8 @@ def train(
     highest validation accuracy, its ``val`` and ``test`` metrics: what the papers report)
     and ``final`` (the last step's ``val`` and ``test``), each ``{loss, accuracy, count}``;
     also ``step``, ``nonfinite_steps``, ``task``, ``model``, ``preset``, ``seed``,
-    ``run_dir``. An interrupted run returns ``{"status": "interrupted", "step", "run_dir"}``.
+    ``run_dir``, and (returned only) ``val`` / ``test``, the same as ``final``'s.
+    An interrupted run returns ``{"status": "interrupted", "step", "run_dir"}``.
 
     ``resume`` continues from the newest intact checkpoint of the run directory;
     ``overwrite`` deletes an existing run directory first (without either, an existing run
@@ -767,7 +768,8 @@ def train(
         raise FileExistsError(
             f"{out} is not empty and is not an ssmix run directory (it has no {RUN_MARKER} "
             "file): --resume will not write into it and --overwrite will not delete it; "
-            "choose another run_name or out_dir"
+            "choose another run_name or out_dir (for a run made before ssmix wrote the marker, "
+            f"create an empty {RUN_MARKER} file in it)"
         )
     if occupied and not resume and not overwrite:
         raise FileExistsError(
@@ -816,8 +818,9 @@ def train(
         if mgr is not None:
             mgr.close()
     if summary["status"] == "done" and lead:
+        on_disk = {k: v for k, v in summary.items() if k not in ("val", "test")}
         write_atomic(
-            out / "summary.json", json.dumps({**summary, "run_dir": str(out)}, indent=2) + "\n"
+            out / "summary.json", json.dumps({**on_disk, "run_dir": str(out)}, indent=2) + "\n"
         )
         plot_curves(metrics.path, out / "curves.png", f"{cfg.task} / {cfg.model} ({cfg.preset})")
     return summary
@@ -959,6 +962,10 @@ def _loop(cfg, exp, mgr, metrics, out, start, limit, on_step) -> dict:
         "final": {"step": total, "val": final_val, "test": final_test},
         "nonfinite_steps": int(jax.device_get(exp.state["nonfinite"]["total"])),
         "run_dir": out,
+        # The last step's metrics under their old names, for existing callers (not in
+        # summary.json).
+        "val": final_val,
+        "test": final_test,
     }
 
 
