@@ -30,7 +30,8 @@ Masks: padded positions (``mask`` False) are zero inputs: the state decays throu
 through any zero input, and a non-finite value there never reaches an output (it is replaced,
 not multiplied, by zero). The returned state is the state right after each sequence's last
 valid position, so it is right for right padding, left padding and holes alike, and the same
-in every mode. Without a mask an input position reaches every output in the ``"fft"`` mode
+in every mode; nothing reads the mask's values outside the computation, so the same holds
+under ``jit``. Without a mask an input position reaches every output in the ``"fft"`` mode
 (the FFT mixes all positions: a NaN anywhere makes every output NaN) and every output of its
 chunk in the ``"chunked"`` mode (``0·NaN`` in the in-chunk Toeplitz product); only the
 ``"scan"`` mode keeps a non-finite future input away from earlier outputs.

@@ -41,7 +41,8 @@ learning rate, with weight decay) instead of an SSM one; here ``log_step`` is st
 
 Masks: padded positions (``mask`` False) are zero inputs (replaced, not multiplied, so a NaN
 there reaches no output); the state decays through them, and the returned state is the state
-right after each sequence's last valid position (right or left padding, or holes). Without a
+right after each sequence's last valid position (right or left padding, or holes; computed
+inside the graph, so also under ``jit``). Without a
 mask, the ``"sequential"`` and ``"associative"`` scans keep a non-finite input away from
 earlier outputs; the ``"chunked"`` / ``"parallel"`` closed-form chunks and ``"materialized"``
 multiply it by zero weights (``0·NaN``) into the earlier outputs of its chunk (or sequence).
