@@ -14,7 +14,10 @@ layers cast to their own dtype. ``dt_init`` returns a JAX array because it consu
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import importlib
 import json
 import logging
 from importlib import resources
@@ -804,9 +807,13 @@ def ptd(
 
     Results for ``measure="legs"``, ``N`` in :data:`PTD_CACHE_SIZES` and default arguments are
     read from the packaged cache (``ssmix/data/ptd_cache.npz``, built by
-    ``scripts/build_ptd_cache.py``); any other arguments compute afresh (seconds for N ≤ 64,
-    minutes for N ≥ 128). For reproducible fresh results pin BLAS to one thread
-    (``OPENBLAS_NUM_THREADS=1``), as the build script does.
+    ``scripts/build_ptd_cache.py``); any other arguments compute afresh. Measured cost of
+    the default 2000 steps on the 2-core CPU (busy with other work): about 1.5 s at N = 24,
+    6 s at N = 48 and 13 s at N = 64, plus 1-3 s of compilation per (N, steps); minutes
+    for N ≥ 128 (each step is O(N³)). The computation runs the loaded OpenBLAS libraries on
+    one thread (restored afterwards): with two threads the same runs took 12, 44 and 23 s,
+    and the result at N = 64 depended on the thread count in the 6th digit of κ; one thread
+    makes fresh results reproducible (and equal to the cache, built that way).
 
     Args:
       measure: one of :data:`MEASURES` whose ``A`` is perturbed.
@@ -885,8 +892,70 @@ def _canonical_eig(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w, V * (np.abs(total) / total)[None, :]
 
 
+# (get, set) thread-count functions of the OpenBLAS builds numpy, scipy (whose LAPACK jax's
+# CPU eig / svd call) and a system OpenBLAS export.
+_OPENBLAS_THREAD_FUNCS = (
+    ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+    ("openblas_get_num_threads", "openblas_set_num_threads"),
+)
+
+
+def _loaded_openblas() -> list[str]:
+    """Paths of the OpenBLAS libraries loaded in this process (Linux; elsewhere none)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+    except OSError:
+        return []
+    return sorted(paths)
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """Run the body with every loaded OpenBLAS on one thread, restoring the counts after.
+
+    The PTD loop makes ~10⁴ LAPACK calls on N ≤ 256 matrices (eig, SVD, their derivatives):
+    far too small to gain from threads, and with threads on a busy machine OpenBLAS's
+    synchronisation dominates (2000 steps at N = 24: 3 s on one thread; 40-50 s with two
+    threads on two cores shared with other work). One thread also makes fresh results
+    reproducible (the cache is built that way). Setting the count is process-wide, so BLAS
+    calls of other Python threads meanwhile run on one thread too. Where the libraries or
+    their symbols cannot be found this does nothing (``OPENBLAS_NUM_THREADS=1`` then helps).
+    """
+    with contextlib.suppress(ImportError):
+        importlib.import_module("scipy.linalg.cython_lapack")  # the LAPACK jax's CPU eig uses
+    restore = []
+    for path in _loaded_openblas():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get_name, set_name in _OPENBLAS_THREAD_FUNCS:
+            get, put = getattr(lib, get_name, None), getattr(lib, set_name, None)
+            if get is None or put is None:
+                continue
+            get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+            count = int(get())
+            if count != 1:
+                put(1)
+                restore.append((put, count))
+            break
+    try:
+        yield
+    finally:
+        for put, count in restore:
+            put(count)
+
+
 def _ptd_compute(A: np.ndarray, args: dict) -> tuple[np.ndarray, np.ndarray, int]:
     """Run the optimisation; return the canonical ``(Λ̃, V, step)`` of the best iterate."""
+    with _one_blas_thread():
+        return _ptd_compute_pinned(A, args)
+
+
+def _ptd_compute_pinned(A: np.ndarray, args: dict) -> tuple[np.ndarray, np.ndarray, int]:
     N = args["N"]
     with jax.enable_x64(True):
         k_re, k_im = jax.random.split(jax.random.key(args["seed"]))
