@@ -126,17 +126,17 @@ def test_dropout_is_tied_across_length_and_off_in_eval():
         CausalMeanMixer(16, rngs=nnx.Rngs(1)), 16, norm="layer", glu="none", dropout=0.0,
         activation="identity", rngs=nnx.Rngs(2),
     )  # fmt: skip
-    assert_close(plain(x), y_eval, atol=0, name="eval = no dropout")
+    assert_close(plain(x), y_eval, exact=True, name="eval = no dropout")
     assert not np.allclose(np.asarray(y_train), np.asarray(y_eval))
 
 
 def test_pool():
     x = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
     mask = jnp.array([[True, True, False, False], [True, True, True, True]])
-    assert_close(x.mean(1), pool(x, mask, "mean"), atol=0)
+    assert_close(x.mean(1), pool(x, mask, "mean"), exact=True)
     assert_close(jnp.stack([x[0, :2].mean(0), x[1].mean(0)]), pool(x, mask, "masked_mean"))
-    assert_close(jnp.stack([x[0, 1], x[1, 3]]), pool(x, mask, "last"), atol=0)
-    assert_close(x[:, -1], pool(x, None, "last"), atol=0)
+    assert_close(jnp.stack([x[0, 1], x[1, 3]]), pool(x, mask, "last"), exact=True)
+    assert_close(x[:, -1], pool(x, None, "last"), exact=True)
     with pytest.raises(ValueError, match="pooling must be one of"):
         pool(x, mask, "max")
 
@@ -233,7 +233,7 @@ def test_block_passes_rngs_to_a_mixer_with_kernel_dropout():
     block.eval()
     # Reference: the same parameters in a block whose S4D has no kernel dropout.
     plain = ResidualBlock(S4D(8, 4, rngs=nnx.Rngs(0)), 8, rngs=nnx.Rngs(1))
-    assert_close(plain(x), block(x), atol=0, name="eval = no kernel dropout")
+    assert_close(plain(x), block(x), exact=True, name="eval = no kernel dropout")
     assert not np.allclose(np.asarray(plain(x)), np.asarray(y1))
     assert not ResidualBlock(
         CausalMeanMixer(8, rngs=nnx.Rngs(1)), 8, rngs=nnx.Rngs(2)

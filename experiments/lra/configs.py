@@ -136,6 +136,7 @@ class Config:
     max_nonfinite_steps: int = 10  # consecutive non-finite steps before a run stops
     # Data.
     max_len: int = 2048
+    pixel_norm: list[float] = field(default_factory=list)  # [mean, std]; []: the task's default
     pad_multiple: int = 2048  # batch length = longest sequence rounded up to this
     length_grouping: int = 0  # > 0: batches of similar length, sorted in windows of N batches
     train_limit: int = 0  # 0: all training examples, else the first N
@@ -207,6 +208,17 @@ class Config:
             raise ValueError(
                 f"give the warmup one way: {' and '.join(warmups)} are both non-zero (set the "
                 "others to 0)"
+            )
+        if self.pixel_norm and (
+            not isinstance(self.pixel_norm, (list, tuple))
+            or len(self.pixel_norm) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.pixel_norm)
+            or not all(math.isfinite(v) for v in self.pixel_norm)
+            or self.pixel_norm[1] <= 0
+        ):
+            raise ValueError(
+                "pixel_norm must be [] (the task's default) or [mean, std] with a finite mean "
+                f"and std > 0; got {self.pixel_norm!r}"
             )
         if not isinstance(self.mixer, dict):
             raise TypeError(f"mixer must be a dict of layer arguments; got {self.mixer!r}")
@@ -584,6 +596,10 @@ def preset_settings(task: str, model: str, preset: str = "published") -> dict[st
         table = SOURCES[preset][model]
         repo, no_decay = (PTD_REPO, []) if model == "s4-ptd" else (S4_REPO, _S4_NO_DECAY)
         settings = _s4_settings(model, table[task], repo, no_decay)
+    if task in ("pathfinder", "pathx") and (preset == "s4-2023" or model == "s4-ptd"):
+        # These configs' dataset file sets ``center: False``: pixels in [0, 1], not [-1, 1]
+        # (configs/dataset/pathfinder.yaml of state-spaces/s4 and of the PTD authors' S4-PTD).
+        settings["pixel_norm"] = [0.0, 1.0]
     mixer = dict(settings["mixer"])
     mixer.update(MODEL_MIXER[model])
     for arg in MIXER_DROP.get(model, ()):

@@ -68,8 +68,7 @@ from experiments.lra.data import (
     load_task,
 )
 from experiments.lra.data import make_batch as make_host_batch
-from experiments.lra.models import build_model
-from ssmix.optim import make_optimizer, warmup_cosine
+from experiments.lra.models import build_model, build_optimizer
 
 logger = logging.getLogger("experiments.lra")
 
@@ -123,7 +122,10 @@ def _subset(split: Split, limit: int) -> Split:
 def load_data(cfg: Config, data_dir: str | None = None) -> TaskData:
     """Load ``cfg.task`` (from ``data_dir``, ``cfg.data_dir`` or the default folder) and apply
     ``train_limit`` / ``eval_limit``."""
-    kwargs = {"max_len": cfg.max_len} if cfg.task in ("listops", "text", "retrieval") else {}
+    if cfg.task in ("listops", "text", "retrieval"):
+        kwargs = {"max_len": cfg.max_len}
+    else:
+        kwargs = {"pixel_norm": tuple(cfg.pixel_norm)} if cfg.pixel_norm else {}
     data = load_task(cfg.task, data_dir or cfg.data_dir or None, **kwargs)
     return TaskData(
         data.task,
@@ -135,6 +137,7 @@ def load_data(cfg: Config, data_dir: str | None = None) -> TaskData:
         max_len=data.max_len,
         vocab_size=data.vocab_size,
         paired=data.paired,
+        pixel_norm=data.pixel_norm,
     )
 
 
@@ -207,23 +210,15 @@ class Experiment:
                 f"of {cfg.batch_size}"
             )
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        self.warmup_steps = min(int(cfg.warmup_ratio * self.total_steps), self.total_steps - 1)
         self.eval_every = cfg.eval_every or self.steps_per_epoch
         self._train_lengths = example_lengths(data.train)
         self._epoch_batches: tuple[int, np.ndarray | None] = (-1, None)
 
         model = build_model(cfg, data, rngs=nnx.Rngs(cfg.seed))
         self.n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        self.tx = make_optimizer(
-            model,
-            lr=cfg.lr,
-            ssm_lr=cfg.ssm_lr,
-            weight_decay=cfg.weight_decay,
-            warmup_steps=self.warmup_steps,
-            total_steps=self.total_steps,
-            grad_clip_norm=cfg.grad_clip or None,
+        self.tx, self.lr_schedule, self.warmup_steps = build_optimizer(
+            cfg, model, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps
         )
-        self.lr_schedule = warmup_cosine(cfg.lr, self.warmup_steps, self.total_steps)
         model.train()
         self.graph_train, params, rest = nnx.split(model, nnx.Param, ...)
         model.eval()
