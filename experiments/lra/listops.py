@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from experiments.logs import setup_logging
+
+logger = logging.getLogger(__name__)  # experiments.lra.listops
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -95,24 +97,31 @@ def generate_listops(
     max_length: int = 2000,
     max_depth: int = 10,
     max_args: int = 10,
+    progress: bool | None = False,
 ) -> list[tuple[str, int]]:
     """``n_samples`` distinct ``(source, target)`` pairs with ``min_length < length < max_length``.
 
-    Deterministic for a given seed (and Python's ``random`` implementation).
+    Deterministic for a given seed (and Python's ``random`` implementation). ``progress``:
+    a bar over the samples on stderr (``None``: only when stderr is a terminal).
     """
     if n_samples < 0 or min_length < 0 or max_length <= min_length + 1:
         raise ValueError(
             "need n_samples >= 0 and 0 <= min_length < max_length - 1; got "
             f"n_samples={n_samples}, min_length={min_length}, max_length={max_length}"
         )
+    from tqdm.auto import tqdm
+
     rng = random.Random(seed)
     samples: dict[str, int] = {}
-    while len(samples) < n_samples:
-        tree, length = generate_tree(rng, 1, max_depth, max_args)
-        if min_length < length < max_length:
-            source = tree_to_source(tree)
-            if source not in samples:
-                samples[source] = tree_value(tree)
+    disable = None if progress is None else not progress
+    with tqdm(total=n_samples, desc="ListOps", unit="sample", disable=disable) as bar:
+        while len(samples) < n_samples:
+            tree, length = generate_tree(rng, 1, max_depth, max_args)
+            if min_length < length < max_length:
+                source = tree_to_source(tree)
+                if source not in samples:
+                    samples[source] = tree_value(tree)
+                    bar.update(1)
     return list(samples.items())
 
 
@@ -135,17 +144,24 @@ def write_listops(
     seed: int = 0,
     min_length: int = 500,
     max_length: int = 2000,
+    progress: bool | None = None,
 ) -> Path:
     """Generate a dataset into ``out_dir/basic_{train,val,test}.tsv`` (the release layout).
 
     Splits are consecutive slices of one deduplicated, seeded stream, so no source appears
-    in two splits. Returns ``out_dir``.
+    in two splits. ``progress``: a bar over the samples on stderr (default ``None``: only
+    when stderr is a terminal). Returns ``out_dir``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "generating %d ListOps samples (%d < length < %d) into %s",
+        n_train + n_val + n_test, min_length, max_length, out,
+    )  # fmt: skip
     rows = generate_listops(
-        n_train + n_val + n_test, seed=seed, min_length=min_length, max_length=max_length
-    )
+        n_train + n_val + n_test, seed=seed, min_length=min_length, max_length=max_length,
+        progress=progress,
+    )  # fmt: skip
     bounds = np.cumsum([0, n_train, n_val, n_test])
     for split, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
         write_tsv(out / f"basic_{split}.tsv", rows[lo:hi])
@@ -163,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-length", type=int, default=500)
     parser.add_argument("--max-length", type=int, default=2000)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     write_listops(
         args.out,
         n_train=args.n_train,
@@ -173,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         min_length=args.min_length,
         max_length=args.max_length,
+        progress=False if args.no_progress else None,
     )
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.logs import setup_logging
 from experiments.lra.data import PATHFINDER_DIFFICULTY
 
 logger = logging.getLogger(__name__)
@@ -200,10 +201,13 @@ def write_pathfinder(
     seed: int = 0,
     per_folder: int = 1000,
     style: PathfinderStyle = PathfinderStyle(),
+    progress: bool | None = None,
 ) -> Path:
     """Generate ``n_samples`` images into ``out_dir/curv_contour_length_14`` (see module
-    docstring); returns ``out_dir``."""
+    docstring); returns ``out_dir``. ``progress``: a bar over the images on stderr (default
+    ``None``: only when stderr is a terminal)."""
     from PIL import Image
+    from tqdm.auto import tqdm
 
     if n_samples <= 0 or per_folder <= 0 or resolution < 16:
         raise ValueError(
@@ -212,22 +216,31 @@ def write_pathfinder(
         )
     root = Path(out_dir) / PATHFINDER_DIFFICULTY
     (root / "metadata").mkdir(parents=True, exist_ok=True)
-    for b, start in enumerate(range(0, n_samples, per_folder)):
-        folder = root / "imgs" / str(b)
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for i in range(start, min(start + per_folder, n_samples)):
-            sample = generate_sample(np.random.default_rng([seed, i]), resolution, style)
-            name = f"sample_{i}.png"
-            Image.fromarray(sample.pixels, mode="L").save(folder / name)
-            rows.append(
-                f"imgs/{b} {name} {i} {sample.label} {style.contour_length} "
-                f"{style.paddle * resolution:.2f} {len(sample.distractors)}\n"
-            )
-        meta = root / "metadata" / f"{b}.npy"
-        tmp = meta.with_name(meta.name + ".tmp")
-        tmp.write_text("".join(rows), encoding="utf-8")
-        os.replace(tmp, meta)
+    logger.info(
+        "generating %d Pathfinder images (%dx%d) into %s", n_samples, resolution, resolution, root
+    )
+    progress_bar = tqdm(
+        total=n_samples, desc=f"Pathfinder {resolution}x{resolution}", unit="image",
+        disable=None if progress is None else not progress,
+    )  # fmt: skip
+    with progress_bar as bar:
+        for b, start in enumerate(range(0, n_samples, per_folder)):
+            folder = root / "imgs" / str(b)
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = []
+            for i in range(start, min(start + per_folder, n_samples)):
+                sample = generate_sample(np.random.default_rng([seed, i]), resolution, style)
+                name = f"sample_{i}.png"
+                Image.fromarray(sample.pixels, mode="L").save(folder / name)
+                rows.append(
+                    f"imgs/{b} {name} {i} {sample.label} {style.contour_length} "
+                    f"{style.paddle * resolution:.2f} {len(sample.distractors)}\n"
+                )
+                bar.update(1)
+            meta = root / "metadata" / f"{b}.npy"
+            tmp = meta.with_name(meta.name + ".tmp")
+            tmp.write_text("".join(rows), encoding="utf-8")
+            os.replace(tmp, meta)
     logger.info("wrote %d Pathfinder images (%dx%d) to %s", n_samples, resolution, resolution, root)
     return Path(out_dir)
 
@@ -240,8 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-samples", type=int, default=10_000)
     parser.add_argument("--per-folder", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     from experiments.lra.data import DATA_ROOT
 
     out = args.out or DATA_ROOT / f"pathfinder{args.resolution}"
@@ -251,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         resolution=args.resolution,
         seed=args.seed,
         per_folder=args.per_folder,
+        progress=False if args.no_progress else None,
     )
 
 
