@@ -70,6 +70,7 @@ images have one fixed length.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ UNPUBLISHED = ("hydra", "attention")
 SCHEDULES = ("cosine", "s5")
 NO_DECAY_KINDS = ("bias", "norm", "embedding")
 PARAM_GROUPS = ("ssm", "ssm_decay", "no_decay", "default")
+PRECISIONS = ("float32", "bfloat16")
 _NORMS = ("layer", "batch", "rms")
 _POOLINGS = ("mean", "masked_mean", "last")
 
@@ -131,9 +133,16 @@ class Config:
     warmup_steps: int = 0
     warmup_epochs: float = 0.0
     schedule: str = "cosine"
-    schedule_steps: int = 0  # cosine length; 0: the run's total steps
+    schedule_steps: int = 0  # schedule length in optimiser updates; 0: the run's total
     grad_clip: float = 0.0  # 0: no clipping
     max_nonfinite_steps: int = 10  # consecutive non-finite steps before a run stops
+    # Precision and accumulation (experiments.lra.train.Experiment): "bfloat16" runs the
+    # ordinary (non-SSM) parameters' matmuls in bfloat16; master parameters, optimiser state
+    # and the loss stay float32. grad_accum > 1 averages the gradients of that many
+    # consecutive batches per optimiser update (optax.MultiSteps; effective batch
+    # batch_size × grad_accum; a step is one batch, the schedule counts updates).
+    precision: str = "float32"
+    grad_accum: int = 1
     # Data.
     max_len: int = 2048
     pixel_norm: list[float] = field(default_factory=list)  # [mean, std]; []: the task's default
@@ -165,6 +174,7 @@ class Config:
         _check("norm", self.norm, _NORMS)
         _check("pooling", self.pooling, _POOLINGS)
         _check("schedule", self.schedule, SCHEDULES)
+        _check("precision", self.precision, PRECISIONS)
         for name in (
             "n_layers",
             "d_model",
@@ -176,6 +186,7 @@ class Config:
             "ckpt_every",
             "keep_checkpoints",
             "max_nonfinite_steps",
+            "grad_accum",
         ):
             _positive_int(name, getattr(self, name))  # fmt: skip
         for name in (
@@ -639,7 +650,8 @@ def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def parse_value(text: str, current: Any) -> Any:
     """Parse ``text`` for a field whose current value is ``current`` (bool, int, float, str,
-    dict, list); ``mixer`` values and unknown types are read as JSON, falling back to a string."""
+    dict, list); ``mixer`` values and unknown types are read as JSON, falling back to a string.
+    A text that does not fit the type raises ``ValueError`` saying what was expected."""
     if isinstance(current, bool):
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -648,15 +660,40 @@ def parse_value(text: str, current: Any) -> Any:
             return False
         raise ValueError(f"expected a boolean (true/false); got {text!r}")
     if isinstance(current, int):
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer; got {text!r}") from None
     if isinstance(current, float):
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"expected a number; got {text!r}") from None
     if isinstance(current, str):
         return text
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
+        if isinstance(current, (list, dict)):
+            kind = "list" if isinstance(current, list) else "object"
+            raise ValueError(f"expected a JSON {kind}; got {text!r}") from None
         return text
+    if isinstance(current, list) and not isinstance(value, list):
+        raise ValueError(f"expected a JSON list; got {text!r}")
+    if isinstance(current, dict) and not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object; got {text!r}")
+    return value
+
+
+def unknown_key_message(key: str, known: Any) -> str:
+    """``unknown config key 'lrate'; did you mean lr?`` (close matches by ``difflib``), or
+    the list of known keys when nothing is close."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = "layer arguments are set as mixer.<arg>=value"
+    if close:
+        return f"unknown config key {key!r}; did you mean {' or '.join(close)}? ({hint})"
+    return f"unknown config key {key!r} ({hint}); known: {', '.join(known)}"
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str] | dict[str, Any]) -> None:
@@ -679,7 +716,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str] | dict[str, Any
             values["mixer"] = mixer
             continue
         if key not in known:
-            raise ValueError(f"unknown config key {key!r}; known: {', '.join(sorted(known))}")
+            raise ValueError(unknown_key_message(key, known | {"mixer.<arg>"}))
         current = values.get(key, getattr(defaults, key))
         try:
             values[key] = parse_value(raw, current) if isinstance(raw, str) else raw
@@ -724,3 +761,42 @@ def make_config(
     values["mixer"] = mixer
     apply_overrides(values, overrides or [])
     return Config.from_dict(values)
+
+
+# Fields a resumed run may change (``--resume`` with ``--set``): the run's length and the
+# loop's bookkeeping. Everything else must equal the run's own ``config.json``.
+RESUMABLE_FIELDS = (
+    "max_steps", "epochs", "schedule_steps", "log_every", "progress", "ckpt_every",
+    "keep_checkpoints", "max_nonfinite_steps",
+)  # fmt: skip
+# Where the run and its data live, not what it computes: may differ on resume.
+LOCATION_FIELDS = ("data_dir", "out_dir", "run_name")
+
+
+def config_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """The fields of ``cfg`` that differ from a run's saved config (``config.json``) other
+    than :data:`RESUMABLE_FIELDS` and :data:`LOCATION_FIELDS`, in field order. A field the
+    saved config lacks (written by an older version) counts as its default."""
+    defaults = Config().to_dict()
+    now = cfg.to_dict()
+    skip = set(RESUMABLE_FIELDS) | set(LOCATION_FIELDS)
+    return [
+        k for k in now
+        if k not in skip and saved.get(k, defaults[k]) != now[k]
+    ]  # fmt: skip
+
+
+def list_presets(
+    tasks: tuple[str, ...] = TASKS, models: tuple[str, ...] = MODELS
+) -> list[dict[str, str]]:
+    """Every available ``(task, model, preset)`` with its ``source`` (the anchor file the
+    values come from, or ``ssmix's own choice``), as dicts with those four keys."""
+    rows = []
+    for task in tasks:
+        for model in models:
+            for preset in PRESETS:
+                if preset == "s4-2023" and model not in SOURCES["s4-2023"]:
+                    continue
+                source = make_config(task, model, preset).source
+                rows.append({"task": task, "model": model, "preset": preset, "source": source})
+    return rows

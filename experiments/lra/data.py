@@ -224,11 +224,33 @@ def default_path(task: str, data_root: str | Path | None = None) -> Path:
     return in_release if not direct.exists() and in_release.is_dir() else direct
 
 
+# How to obtain each task's data (named by the missing-data error).
+LRA_RELEASE = (
+    "the LRA release (https://github.com/google-research/long-range-arena: "
+    "lra_release.gz, unpacked under the data folder as lra_release/lra_release/<folder>)"
+)
+OBTAIN = {
+    "listops": "generate a set with 'python -m experiments.lra.listops --out {path}' "
+    "(seeded, the published procedure) or use " + LRA_RELEASE,
+    "text": "download the IMDB reviews (aclImdb_v1.tar.gz, "
+    "https://ai.stanford.edu/~amaas/data/sentiment/) and unpack them there",
+    "retrieval": "use " + LRA_RELEASE,
+    "image": "download CIFAR-10 for python (cifar-10-python.tar.gz, "
+    "https://www.cs.toronto.edu/~kriz/cifar.html) and unpack it there",
+    "pathfinder": "generate a set with 'python -m experiments.lra.pathfinder --resolution 32 "
+    "--out {path}' or use " + LRA_RELEASE,
+    "pathx": "generate a set with 'python -m experiments.lra.pathfinder --resolution 128 "
+    "--out {path}' or use " + LRA_RELEASE,
+}
+
+
 def _missing(task: str, path: Path, what: Path) -> FileNotFoundError:
     folder, layout = LAYOUTS[task]
+    obtain = OBTAIN[task].format(path=path)
     return FileNotFoundError(
-        f"{task} data not found: {what} does not exist. Expected the release folder "
-        f"'{folder}' at {path} containing {layout}."
+        f"{task} data not found: {what} does not exist. Expected the folder '{folder}' at "
+        f"{path} containing {layout}. To get it: {obtain}; or point data_dir (--data) at an "
+        "existing copy."
     )
 
 

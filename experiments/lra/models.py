@@ -1,16 +1,19 @@
 """Model registry: config model names -> ssmix mixer layers, model and optimiser construction.
 
-Each entry names the public ``ssmix.layers`` class, fixed layer arguments (the PTD models
-are S4D / S5 with ``init="ptd"``, set in the configs) and the issue that provides the layer,
-so a checkout without it fails with a clear :class:`LayerUnavailable` error rather than an
-``AttributeError`` deep inside model construction. :func:`build_optimizer` turns a config's
+Each entry names the public ``ssmix.layers`` class (the PTD models are S4D / S5 with
+``init="ptd"``, set in the configs); an ssmix version without the layer fails with a clear
+:class:`LayerUnavailable` error rather than an ``AttributeError`` deep inside model
+construction. :func:`check_mixer_args` checks a config's layer arguments against the
+layer's signature before anything is built. :func:`build_optimizer` turns a config's
 optimiser fields (groups, warmup, schedule) into the optax transformation.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
+import inspect
 import sys
 from collections.abc import Callable
 
@@ -22,15 +25,15 @@ from experiments.lra.data import TaskData
 from ssmix.blocks import RetrievalModel, SequenceModel
 from ssmix.optim import make_optimizer, s5_schedule, warmup_cosine
 
-# model name -> (class name in ssmix.layers, issue providing it)
-MIXERS: dict[str, tuple[str, int]] = {
-    "s4": ("S4", 4),
-    "s4d": ("S4D", 4),
-    "s4-ptd": ("S4D", 5),  # S4D(init="ptd"): the PTD initialiser comes with issue 5
-    "s5": ("S5", 5),
-    "s5-ptd": ("S5", 5),
-    "hydra": ("Hydra", 6),
-    "attention": ("Attention", 7),
+# model name -> class name in ssmix.layers
+MIXERS: dict[str, str] = {
+    "s4": "S4",
+    "s4d": "S4D",
+    "s4-ptd": "S4D",  # S4D(init="ptd")
+    "s5": "S5",
+    "s5-ptd": "S5",  # S5(init="ptd")
+    "hydra": "Hydra",
+    "attention": "Attention",
 }
 # Models that need an initialiser of their layer's registry (``<Class>_INITS`` in the
 # layer's module): model name -> init name.
@@ -38,30 +41,73 @@ REQUIRED_INIT = {"s4-ptd": "ptd", "s5-ptd": "ptd"}
 
 
 class LayerUnavailable(ImportError):
-    """The layer a model needs is not in this checkout yet."""
+    """The layer a model needs is not in the installed ssmix."""
 
 
 def mixer_class(model: str) -> type[nnx.Module]:
     """The ``ssmix.layers`` class behind config model ``model``."""
     if model not in MIXERS:
         raise ValueError(f"model must be one of {', '.join(MIXERS)}; got {model!r}")
-    name, issue = MIXERS[model]
+    name = MIXERS[model]
     layers = importlib.import_module("ssmix.layers")
     cls = getattr(layers, name, None)
     if cls is None:
         raise LayerUnavailable(
-            f"model {model!r} needs ssmix.layers.{name}, which is not in this checkout yet "
-            f"(it is provided by issue {issue})"
+            f"model {model!r} needs ssmix.layers.{name}, which the installed ssmix does not have"
         )
     init = REQUIRED_INIT.get(model)
     if init is not None:
         registry = getattr(sys.modules[cls.__module__], f"{name}_INITS", ())
         if init not in registry:
             raise LayerUnavailable(
-                f"model {model!r} needs {name}(init={init!r}), which this checkout's {name} "
-                f"does not offer yet (it is provided by issue {issue})"
+                f"model {model!r} needs {name}(init={init!r}), which the installed ssmix's "
+                f"{name} does not offer"
             )
     return cls
+
+
+def _model_passed(cls: type) -> tuple[str, ...]:
+    """The arguments the model passes to every mixer itself (the feature width, its first
+    argument after ``self``, and ``rngs``): not settable as ``mixer.<arg>``."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    first = params[0].name if params and params[0].kind == params[0].POSITIONAL_OR_KEYWORD else ""
+    return ("self", first, "rngs")
+
+
+def mixer_arg_names(cls: type) -> tuple[tuple[str, ...], bool]:
+    """``(names, open)``: the keyword arguments ``cls.__init__`` accepts besides the ones the
+    model passes (the width ``d_model``, ``rngs``), and whether it takes ``**kwargs``."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    passed = _model_passed(cls)
+    names = tuple(
+        p.name for p in params
+        if p.name not in passed and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    )  # fmt: skip
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def check_mixer_args(cfg: Config) -> None:
+    """Raise ``ValueError`` when a layer argument of ``cfg.mixer`` (``mixer.<arg>``) is not a
+    keyword argument of the model's layer class, naming the layer, the argument (with close
+    matches) and every argument the layer accepts. Runs before any data is loaded."""
+    cls = mixer_class(cfg.model)
+    names, open_kwargs = mixer_arg_names(cls)
+    if open_kwargs:
+        return
+    passed = [k for k in cfg.mixer if k in _model_passed(cls)]
+    if passed:
+        raise ValueError(
+            f"mixer.{passed[0]} cannot be set: the model passes {passed[0]} to "
+            f"{cls.__name__} itself"
+        )
+    for arg in cfg.mixer:
+        if arg not in names:
+            close = difflib.get_close_matches(arg, names, n=2, cutoff=0.6)
+            hint = f"did you mean {' or '.join('mixer.' + c for c in close)}? " if close else ""
+            raise ValueError(
+                f"mixer.{arg}: {cls.__name__} (model {cfg.model!r}) takes no argument {arg!r}; "
+                f"{hint}{cls.__name__} accepts: {', '.join(names)}"
+            )
 
 
 def mixer_factory(model: str, mixer_kwargs: dict):
@@ -132,7 +178,8 @@ def build_optimizer(
     ``ssm_lr`` without decay, ``cfg.no_decay`` kinds at ``lr`` without decay, the rest AdamW
     at ``lr`` / ``weight_decay``. Schedule:
     ``"cosine"`` = linear warmup then cosine to 0 at ``schedule_steps`` (0: ``total_steps``);
-    ``"s5"`` = :func:`ssmix.optim.s5_schedule` over ``total_steps``.
+    ``"s5"`` = :func:`ssmix.optim.s5_schedule` over ``schedule_steps`` (0: ``total_steps``).
+    Steps here are optimiser updates (with gradient accumulation, batches / ``grad_accum``).
 
     Args:
       cfg: the run's config.
@@ -155,10 +202,11 @@ def build_optimizer(
             return warmup_cosine(peak, warmup, length)
 
     elif cfg.schedule == "s5":
-        warmup = warmup_steps_for(cfg, steps_per_epoch=steps_per_epoch, schedule_steps=total_steps)
+        length = cfg.schedule_steps or total_steps
+        warmup = warmup_steps_for(cfg, steps_per_epoch=steps_per_epoch, schedule_steps=length)
 
         def schedule_fn(peak):
-            return s5_schedule(peak, warmup, total_steps)
+            return s5_schedule(peak, warmup, length)
 
     else:
         raise ValueError(f"schedule must be 'cosine' or 's5'; got {cfg.schedule!r}")

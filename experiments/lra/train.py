@@ -1,7 +1,8 @@
 """Train an ssmix model on an LRA task.
 
 ``python -m experiments.lra.train --task listops --model s4d [--preset demo] [--set k=v ...]
-[--resume | --overwrite] [--distributed]``
+[--overwrite] [--distributed]``; ``python -m experiments.lra.train --resume runs/<run>
+[--set max_steps=N]``; ``--print-config`` / ``--list-presets`` print and exit.
 
 - One jit-compiled train step (forward, loss, gradients, grouped optimiser from
   :mod:`ssmix.optim`); the state is a pytree of pure arrays (parameters, BatchNorm statistics,
@@ -10,12 +11,33 @@
   the state replicated; XLA inserts the gradient all-reduce and computes BatchNorm statistics
   over the global batch. With ``--distributed`` (``jax.distributed.initialize()``, e.g. under
   SLURM) each process feeds its slice of the global batch.
+- Precision and accumulation: ``precision="bfloat16"`` runs the forward and backward pass of
+  the ordinary parameters (embedding / encoder, projections, GLU, MLP, norms' scales, head,
+  and the real-valued layer parameters that are not SSM parameters) in bfloat16: each step
+  casts those float32 master parameters to bfloat16 before the forward pass. The SSM
+  parameters (``ssmix.layers.base.SSMParam``: Λ, B, Δ, ... complex or not) and
+  everything the layers compute from them stay float32, as do the master parameters, the
+  optimiser state, BatchNorm statistics, the logits' softmax and the loss.
+  ``grad_accum = k`` averages the gradients of ``k`` consecutive batches before one optimiser
+  update (``optax.MultiSteps``): a step is one batch of ``batch_size``, the effective batch is
+  ``batch_size × k``, and the learning-rate schedule (warmup, ``schedule_steps``) counts
+  optimiser updates (steps / k).
 - Exact resume: the batches of epoch e are a pure function of (seed, e) (optionally grouped
   by length, ``length_grouping``), dropout keys are
   ``fold_in(key(seed), step)``, and the log window sums live in the checkpointed state, so
   ``--resume`` replays the remaining steps and writes the same metrics as an uninterrupted
-  run. Checkpoints (orbax) every ``ckpt_every`` steps, at the end and on Ctrl-C (the first
-  SIGINT stops after the current step and saves; a second one aborts).
+  run. ``--resume RUN_DIR`` reads the run's own ``config.json``; ``--set`` may change only
+  :data:`~experiments.lra.configs.RESUMABLE_FIELDS` (the length: ``max_steps``, ``epochs``,
+  ``schedule_steps``; and the loop's logging and checkpointing). A longer run continues
+  the same learning-rate schedule: it keeps the original length (the run's first total, or
+  its ``schedule_steps``), so past it the rate stays at the schedule's end value (0 for the
+  cosine) unless ``--set schedule_steps=N`` stretches it (the rate then jumps to the new
+  curve at the resumed step). Resuming a finished run at its own length reports it again
+  and writes nothing.
+- Checkpoints (orbax, written asynchronously: the arrays are copied to host memory, then
+  written in the background while training goes on) every ``ckpt_every`` steps, at every
+  evaluation, at the end and on Ctrl-C or SIGTERM (cluster preemption): the first signal stops
+  after the current step, saves and waits for the write; a second one aborts.
 - Reporting as the papers do: validation every ``eval_every`` steps (and at the last step),
   each evaluation step checkpointed with its validation metrics; orbax keeps the
   ``keep_checkpoints`` latest checkpoints plus the best-validation one. At the end the test
@@ -28,7 +50,10 @@
   ``max_nonfinite_steps`` consecutive such steps the run stops with
   :class:`NonFiniteLossError`, its checkpoints holding the last finite state. JSON files are
   written atomically (temporary file, then ``os.replace``).
-- Output in ``runs/<run>/``: ``.ssmix-run``, ``config.json``, ``checkpoints/<step>/``,
+- Paths: a relative ``out_dir`` / ``data_dir`` (and the default data folder ``data/``) is
+  taken relative to the repository root when ssmix runs from a git checkout, else relative
+  to the current directory (:func:`resolve_path`).
+- Output in ``<out_dir>/<run>/``: ``.ssmix-run``, ``config.json``, ``checkpoints/<step>/``,
   ``metrics.jsonl`` (one JSON object per train log window / evaluation), ``summary.json``,
   ``curves.png``.
 """
@@ -39,6 +64,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -56,19 +82,32 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments.lra.configs import MODELS, PRESETS, TASKS, Config, make_config
+from experiments.logs import setup_logging
+from experiments.lra.configs import (
+    MODELS,
+    PRESETS,
+    RESUMABLE_FIELDS,
+    TASKS,
+    Config,
+    apply_overrides,
+    config_changes,
+    list_presets,
+    make_config,
+)
 from experiments.lra.data import (
     REPO_ROOT,
     Ragged,
     Split,
     TaskData,
+    default_path,
     epoch_batches,
     eval_batches,
     example_lengths,
     load_task,
 )
 from experiments.lra.data import make_batch as make_host_batch
-from experiments.lra.models import build_model, build_optimizer
+from experiments.lra.models import build_model, build_optimizer, check_mixer_args
+from ssmix.layers.base import SSMParam
 
 logger = logging.getLogger("experiments.lra")
 
@@ -119,6 +158,31 @@ def _subset(split: Split, limit: int) -> Split:
     return Split(_head(split.inputs, limit), split.labels[:limit], _head(split.inputs2, limit))
 
 
+def in_checkout() -> bool:
+    """Whether this package runs from a git checkout (``.git`` at the repository root)
+    rather than from an installed copy."""
+    return (REPO_ROOT / ".git").exists()
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded; a relative path is taken relative to the repository root
+    inside a git checkout (so ``runs/`` and ``data/`` are the checkout's wherever the command
+    runs), else relative to the current directory (an installed package)."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    return (REPO_ROOT if in_checkout() else Path.cwd()) / path
+
+
+def data_path(cfg: Config, data_dir: str | None = None) -> Path:
+    """The dataset folder of ``cfg``: ``data_dir``, ``cfg.data_dir`` or the task's default
+    folder under ``data/`` (each resolved by :func:`resolve_path`)."""
+    given = data_dir or cfg.data_dir
+    if given:
+        return resolve_path(given)
+    return default_path(cfg.task, resolve_path("data"))
+
+
 def load_data(cfg: Config, data_dir: str | None = None) -> TaskData:
     """Load ``cfg.task`` (from ``data_dir``, ``cfg.data_dir`` or the default folder) and apply
     ``train_limit`` / ``eval_limit``."""
@@ -126,7 +190,14 @@ def load_data(cfg: Config, data_dir: str | None = None) -> TaskData:
         kwargs = {"max_len": cfg.max_len}
     else:
         kwargs = {"pixel_norm": tuple(cfg.pixel_norm)} if cfg.pixel_norm else {}
-    data = load_task(cfg.task, data_dir or cfg.data_dir or None, **kwargs)
+    path = data_path(cfg, data_dir)
+    logger.info("loading the %s data from %s", cfg.task, path)
+    start = time.perf_counter()
+    data = load_task(cfg.task, path, **kwargs)
+    logger.info(
+        "loaded %d train, %d validation, %d test examples in %.1f s",
+        len(data.train), len(data.val), len(data.test), time.perf_counter() - start,
+    )  # fmt: skip
     return TaskData(
         data.task,
         _subset(data.train, cfg.train_limit),
@@ -142,7 +213,8 @@ def load_data(cfg: Config, data_dir: str | None = None) -> TaskData:
 
 
 def run_dir(cfg: Config) -> Path:
-    """``<out_dir>/<name>``; a relative ``out_dir`` is taken relative to the repository.
+    """``<out_dir>/<name>``; a relative ``out_dir`` is resolved by :func:`resolve_path`
+    (the repository root inside a git checkout, else the current directory).
 
     The run name must be one plain directory name (no path separator, no ``..``, not
     absolute), and the run directory must resolve to a direct child of ``out_dir`` (a
@@ -155,8 +227,7 @@ def run_dir(cfg: Config) -> Path:
             "run_name must be a plain directory name (no path separators, no '..', not "
             f"absolute); got {name!r}"
         )
-    out = Path(cfg.out_dir)
-    out = out if out.is_absolute() else REPO_ROOT / out
+    out = resolve_path(cfg.out_dir)
     path = out / name
     if path.resolve().parent != out.resolve():
         raise ValueError(
@@ -211,19 +282,38 @@ class Experiment:
             )
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.eval_every = cfg.eval_every or self.steps_per_epoch
+        self.grad_accum = int(getattr(cfg, "grad_accum", 1))
+        self.compute_dtype = jnp.dtype(getattr(cfg, "precision", "float32"))
         self._train_lengths = example_lengths(data.train)
         self._epoch_batches: tuple[int, np.ndarray | None] = (-1, None)
 
         model = build_model(cfg, data, rngs=nnx.Rngs(cfg.seed))
         self.n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        self.tx, self.lr_schedule, self.warmup_steps = build_optimizer(
-            cfg, model, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps
+        # The schedule counts optimiser updates: one per grad_accum steps.
+        k = self.grad_accum
+        tx, self.lr_schedule, self.warmup_steps = build_optimizer(
+            cfg, model, steps_per_epoch=max(self.steps_per_epoch // k, 1),
+            total_steps=max(self.total_steps // k, 1),
+        )  # fmt: skip
+        self.tx = (
+            tx if k == 1 else optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
         )
+        if self.total_steps % k:
+            logger.warning(
+                "grad_accum=%d does not divide the run's %d steps: the last %d batches are "
+                "accumulated but never applied", k, self.total_steps, self.total_steps % k,
+            )  # fmt: skip
         model.train()
         self.graph_train, params, rest = nnx.split(model, nnx.Param, ...)
+        # Parameters cast to the compute dtype in each step: real floating non-SSM ones.
+        self._cast = jax.tree.map(
+            lambda v: not isinstance(v, SSMParam) and jnp.issubdtype(v.dtype, jnp.floating),
+            params, is_leaf=lambda v: isinstance(v, nnx.Variable),
+        )  # fmt: skip
         model.eval()
         self.graph_eval = nnx.split(model, nnx.Param, ...)[0]
         params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+        self._cast = nnx.as_pure(self._cast)
         state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
@@ -256,8 +346,23 @@ class Experiment:
 
     # ------------------------------------------------------------------ pure functions
 
+    def lr_at(self, step: int) -> float:
+        """The main group's learning rate of the last optimiser update within the first
+        ``step`` steps (that of the first update before any)."""
+        return float(self.lr_schedule(max(step // self.grad_accum - 1, 0)))
+
+    def _compute_params(self, params):
+        """``params`` as the forward pass uses them: with ``precision="bfloat16"`` the
+        floating non-SSM parameters cast to bfloat16 (a differentiable cast: the gradients
+        reach the float32 masters)."""
+        if self.compute_dtype == jnp.float32:
+            return params
+        return jax.tree.map(
+            lambda p, cast: p.astype(self.compute_dtype) if cast else p, params, self._cast
+        )
+
     def _forward(self, graph, params, rest, batch, rngs):
-        model = nnx.merge(graph, params, rest)
+        model = nnx.merge(graph, self._compute_params(params), rest)
         if self.data.paired:
             logits = model(batch["x"], batch["x2"], batch["mask"], batch["mask2"], rngs=rngs)
         else:
@@ -406,9 +511,15 @@ def _not_untracked_warning(record: logging.LogRecord) -> bool:
 logging.getLogger("absl").addFilter(_not_untracked_warning)
 
 
-def checkpoint_manager(path: Path, keep: int, *, create: bool = True) -> ocp.CheckpointManager:
-    """Synchronous orbax manager under ``path`` keeping the ``keep`` latest steps and the
-    best one by validation accuracy (a ``LatestN`` + ``BestN`` preservation policy).
+def checkpoint_manager(
+    path: Path, keep: int, *, create: bool = True, async_save: bool = False
+) -> ocp.CheckpointManager:
+    """Orbax manager under ``path`` keeping the ``keep`` latest steps and the best one by
+    validation accuracy (a ``LatestN`` + ``BestN`` preservation policy).
+
+    ``async_save``: :meth:`save` copies the arrays to host memory and returns, the files are
+    written by a background thread (the training loop uses it; call
+    ``mgr.wait_until_finished()`` before reading a just-saved step, ``mgr.close()`` waits).
 
     Checkpoints saved with metrics (``{"val_accuracy", "val_loss", "val_count"}``, at the
     evaluation steps) compete for best; ``mgr.best_step()`` is the highest validation
@@ -426,7 +537,7 @@ def checkpoint_manager(path: Path, keep: int, *, create: bool = True) -> ocp.Che
         ]
     )  # fmt: skip
     options = ocp.CheckpointManagerOptions(
-        create=create, enable_async_checkpointing=False, best_fn=_val_accuracy,
+        create=create, enable_async_checkpointing=async_save, best_fn=_val_accuracy,
         best_mode="max", preservation_policy=policy,
     )  # fmt: skip
     try:
@@ -506,11 +617,14 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 
 
 def save_checkpoint(
-    mgr: ocp.CheckpointManager, exp: Experiment, metrics: dict | None = None
+    mgr: ocp.CheckpointManager, exp: Experiment, metrics: dict | None = None, *, wait: bool = True
 ) -> int:
     """Save ``exp.state`` (and the config) at its current step, with the validation
-    ``metrics`` of that step if given; returns the step."""
+    ``metrics`` of that step if given; returns the step. With an asynchronous manager and
+    ``wait=False`` the files are written in the background (the arrays are on the host
+    when this returns, so the next train step may reuse their device buffers)."""
     step = int(jax.device_get(exp.state["step"]))
+    mgr.wait_until_finished()  # a step still being written is not listed as saved yet
     if step in mgr.all_steps():
         return step
     mgr.save(
@@ -522,7 +636,8 @@ def save_checkpoint(
         metrics=metrics,
         force=True,
     )
-    mgr.wait_until_finished()
+    if wait:
+        mgr.wait_until_finished()
     return step
 
 
@@ -531,6 +646,7 @@ def restore_checkpoint(mgr: ocp.CheckpointManager, exp: Experiment, step: int | 
 
     Raises :class:`CheckpointError` naming the step when it cannot be read (``exp.state``
     is then unchanged), ``FileNotFoundError`` when there is no such checkpoint."""
+    mgr.wait_until_finished()
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
@@ -662,27 +778,35 @@ def plot_curves(metrics_path: Path, out: Path, title: str) -> None:
 
 
 class _StopFlag:
-    """First SIGINT: ask the loop to stop after the current step; second: abort at once."""
+    """First SIGINT or SIGTERM: ask the loop to stop after the current step (it then saves a
+    checkpoint); a second one aborts at once. Handlers are installed from the main thread
+    only and restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
 
     def __enter__(self):
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 def _nonfinite_limit(cfg: Config, max_nonfinite: int | None) -> int:
@@ -740,9 +864,15 @@ def train(
     and ``final`` (the last step's ``val`` and ``test``), each ``{loss, accuracy, count}``;
     also ``step``, ``nonfinite_steps``, ``task``, ``model``, ``preset``, ``seed``,
     ``run_dir``, and (returned only) ``val`` / ``test``, the same as ``final``'s.
-    An interrupted run returns ``{"status": "interrupted", "step", "run_dir"}``.
+    An interrupted run (SIGINT or SIGTERM) returns ``{"status": "interrupted", "step",
+    "run_dir", "signal"}``.
 
-    ``resume`` continues from the newest intact checkpoint of the run directory;
+    ``resume`` continues from the newest intact checkpoint of the run directory; ``cfg`` must
+    equal the run's ``config.json`` except for
+    :data:`~experiments.lra.configs.RESUMABLE_FIELDS` and the location fields (a
+    ``ValueError`` naming the changed fields otherwise). A longer run keeps the original
+    schedule length (``schedule_steps`` is pinned to the first total unless set); a
+    finished run resumed at its own length returns its saved summary and writes nothing.
     ``overwrite`` deletes an existing run directory first (without either, an existing run
     is an error). Both refuse a directory that is not an ssmix run (no :data:`RUN_MARKER`).
     ``on_step(step)`` is called after every completed step (tests use it to interrupt).
@@ -772,7 +902,20 @@ def train(
             "start again, or --set run_name=<new name>"
         )
     # Everything that can fail on the config or the data fails before a file is touched.
+    saved = None
+    if occupied and resume and (out / "config.json").exists():
+        saved = _read_config(out)
+        changed = config_changes(saved, cfg)
+        if changed:
+            raise ValueError(
+                f"--resume with a different config than {out / 'config.json'}; changed: "
+                f"{', '.join(changed)} (a resumed run may change only "
+                f"{', '.join(RESUMABLE_FIELDS)})"
+            )
+    check_mixer_args(cfg)
     data = data if data is not None else load_data(cfg)
+    if saved is not None:
+        cfg = _continued_config(saved, cfg, len(data.train))
     exp = Experiment(cfg, data)
 
     continuing = resume and occupied  # an existing run: never removed on failure
@@ -791,21 +934,34 @@ def train(
         metrics = MetricsLog(out / "metrics.jsonl", lead)
         start = 0
         if continuing and mgr.all_steps():
-            saved = _read_config(out)
-            if saved != cfg.to_dict():
-                raise ValueError(
-                    f"--resume with a different config than {out / 'config.json'}; changed: "
-                    + ", ".join(k for k in saved if saved[k] != cfg.to_dict().get(k))
-                )
+            finished = _finished_summary(out, exp.total_steps, mgr.latest_step())
+            if finished is not None:
+                logger.info(
+                    "%s already finished at step %d: nothing to do (--set max_steps=N with a "
+                    "larger N extends it)", out, finished["step"],
+                )  # fmt: skip
+                return finished
             start = restore_latest_intact(mgr, exp, out)
+            if start > exp.total_steps:
+                raise ValueError(
+                    f"the run is at step {start}, beyond the {exp.total_steps} steps of "
+                    "this config: max_steps / epochs can extend a run, not shorten it past "
+                    "its last checkpoint"
+                )
             metrics.truncate_after(start)
-            logger.info("resumed %s at step %d", out, start)
+            if lead:
+                if cfg.to_dict() != saved:
+                    write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+                (out / "summary.json").unlink(missing_ok=True)
+            logger.info("resumed %s at step %d of %d", out, start, exp.total_steps)
         elif lead:
             write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             for stale in (metrics.path, out / "summary.json"):
                 stale.unlink(missing_ok=True)
         summary = _loop(cfg, exp, mgr, metrics, out, start, limit, on_step)
     except BaseException:
+        if mgr is not None:
+            mgr.wait_until_finished()
         if cleanup and lead and out.exists() and not (mgr is not None and mgr.all_steps()):
             _clear_run(out, remove_dir=not existed or (occupied and not resume))
         raise
@@ -819,6 +975,45 @@ def train(
         )
         plot_curves(metrics.path, out / "curves.png", f"{cfg.task} / {cfg.model} ({cfg.preset})")
     return summary
+
+
+def _continued_config(saved: dict, cfg: Config, n_train: int) -> Config:
+    """``cfg`` for continuing a run saved with config ``saved``: when the run's length
+    changes and neither config sets ``schedule_steps``, the schedule keeps the original
+    length (pinned in ``schedule_steps``, in optimiser updates); a ``schedule_steps`` the
+    saved config pinned stays unless ``cfg`` sets another."""
+    if cfg.schedule_steps or n_train < cfg.batch_size:
+        return cfg
+    if saved.get("schedule_steps"):
+        return Config.from_dict({**cfg.to_dict(), "schedule_steps": saved["schedule_steps"]})
+    per_epoch = n_train // cfg.batch_size
+    old_total = saved.get("max_steps") or saved.get("epochs", cfg.epochs) * per_epoch
+    new_total = cfg.max_steps or cfg.epochs * per_epoch
+    if new_total == old_total:
+        return cfg
+    updates = max(old_total // max(cfg.grad_accum, 1), 1)
+    logger.info(
+        "the run's length changes from %d to %d steps; the learning-rate schedule keeps its "
+        "length of %d updates (schedule_steps; --set schedule_steps=N to stretch it)",
+        old_total, new_total, updates,
+    )  # fmt: skip
+    return Config.from_dict({**cfg.to_dict(), "schedule_steps": updates})
+
+
+def _finished_summary(out: Path, total: int, latest: int | None) -> dict | None:
+    """The saved summary of a run that finished at ``total`` steps (its latest checkpoint
+    is that step), with the returned-only ``val`` / ``test`` keys; ``None`` otherwise."""
+    path = out / "summary.json"
+    if latest != total or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if summary.get("status") != "done" or summary.get("step") != total:
+        return None
+    final = summary.get("final", {})
+    return {**summary, "run_dir": out, "val": final.get("val"), "test": final.get("test")}
 
 
 def _open_manager(cfg: Config, out: Path, ckpt_dir: Path, resuming: bool):
@@ -846,7 +1041,17 @@ def _read_config(out: Path) -> dict:
 
 
 def _loop(cfg, exp, mgr, metrics, out, start, limit, on_step) -> dict:
-    """The training loop of :func:`train` from step ``start``, then the final reporting."""
+    """The training loop of :func:`train` from step ``start``, then the final reporting (log
+    lines go through tqdm while its progress bar is shown)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    if cfg.progress and metrics.enabled:
+        with logging_redirect_tqdm(loggers=[logging.getLogger("experiments")]):
+            return _run_loop(cfg, exp, mgr, metrics, out, start, limit, on_step)
+    return _run_loop(cfg, exp, mgr, metrics, out, start, limit, on_step)
+
+
+def _run_loop(cfg, exp, mgr, metrics, out, start, limit, on_step) -> dict:
     lead = metrics.enabled
     total = exp.total_steps
     logger.info(
@@ -854,24 +1059,40 @@ def _loop(cfg, exp, mgr, metrics, out, start, limit, on_step) -> dict:
         cfg.name, exp.n_params, len(exp.data.train), total, exp.steps_per_epoch,
         len(exp.devices),
     )  # fmt: skip
+    if exp.grad_accum > 1 or exp.compute_dtype != jnp.float32:
+        logger.info(
+            "%d batches of %d per optimiser update (effective batch %d); compute dtype %s",
+            exp.grad_accum, cfg.batch_size, cfg.batch_size * exp.grad_accum,
+            exp.compute_dtype.name,
+        )  # fmt: skip
 
     from tqdm.auto import tqdm
 
+    show_bar = bool(cfg.progress and lead)
     bar = tqdm(
-        total=total, initial=start, disable=not (cfg.progress and lead),
+        total=total, initial=start, disable=not show_bar,
         desc=cfg.name, unit="step", dynamic_ncols=True,
     )  # fmt: skip
     status = "done"
     step = start
     final_val = None
     window_start = time.perf_counter()
+    evaluated = False
+    stop = _StopFlag()
     try:
-        with _StopFlag() as stop:
+        with stop:
             while step < total:
                 if stop.requested:
                     status = "interrupted"
                     break
+                first = step == start
+                if first:
+                    logger.info("compiling the train step (the first step includes it)")
+                    compile_start = time.perf_counter()
                 exp.train_step(step)
+                if first:
+                    jax.block_until_ready(exp.state["step"])
+                    logger.info("first step done in %.1f s", time.perf_counter() - compile_start)
                 step += 1
                 bar.update(1)
                 last = step == total
@@ -886,12 +1107,17 @@ def _loop(cfg, exp, mgr, metrics, out, start, limit, on_step) -> dict:
                         "split": "train",
                         "loss": window["loss"],
                         "accuracy": window["accuracy"],
-                        "lr": float(exp.lr_schedule(step - 1)),  # of the last update
+                        "lr": exp.lr_at(step),  # of the last optimiser update
                         "nonfinite_steps": window["nonfinite_steps"],
                         "tokens_per_s": window["tokens"] / elapsed,
                         "elapsed_s": elapsed,
                     }
                     metrics.write(row)
+                    if row["loss"] is not None and not show_bar:
+                        logger.info(
+                            "step %d/%d: loss %.4f, accuracy %.4f, %.3g tokens/s",
+                            step, total, row["loss"], row["accuracy"], row["tokens_per_s"],
+                        )  # fmt: skip
                     if row["loss"] is not None:
                         bar.set_postfix(
                             loss=f"{row['loss']:.3f}",
@@ -901,14 +1127,16 @@ def _loop(cfg, exp, mgr, metrics, out, start, limit, on_step) -> dict:
                 val = None
                 if step % exp.eval_every == 0 or last:
                     _check_finite(exp, limit)
-                    val = exp.evaluate("val")
+                    val = _timed_evaluate(exp, "val", first=not evaluated)
+                    evaluated = True
                     metrics.write({"step": step, "split": "val", **val})
-                    bar.write(f"step {step}: val loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
                     final_val = val if last else None
                     window_start = time.perf_counter()
                 if val is not None or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0):
                     _check_finite(exp, limit)
-                    save_checkpoint(mgr, exp, _val_metrics(val) if val is not None else None)
+                    save_checkpoint(
+                        mgr, exp, _val_metrics(val) if val is not None else None, wait=False
+                    )
                     window_start = time.perf_counter()
                 if on_step is not None:
                     on_step(step)
@@ -919,21 +1147,27 @@ def _loop(cfg, exp, mgr, metrics, out, start, limit, on_step) -> dict:
     state_alive = not any(
         getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(exp.state)
     )
+    how = stop.signal_name or "SIGINT"
     if status == "interrupted":
+        mgr.wait_until_finished()
         if state_alive:
             _check_finite(exp, limit)
-            saved = save_checkpoint(mgr, exp)
-            logger.warning("interrupted: saved step %d to %s (continue with --resume)", saved, out)
+            saved = save_checkpoint(mgr, exp)  # waits until the files are written
+            logger.warning("interrupted (%s): saved step %d to %s", how, saved, out)
+        else:
+            logger.warning("interrupted (%s): the last checkpoint in %s is kept", how, out)
         return {
             "status": status,
             "step": int(jax.device_get(exp.state["step"])),
             "run_dir": out,
+            "signal": how,
         }
     if final_val is None:  # resumed at the end: the last step's evaluation is in its checkpoint
-        final_val = exp.evaluate("val")
+        final_val = _timed_evaluate(exp, "val", first=True)
         save_checkpoint(mgr, exp, _val_metrics(final_val))
-    final_test = exp.evaluate("test")
+    final_test = _timed_evaluate(exp, "test", first=False)
     metrics.write({"step": total, "split": "test", **final_test})
+    mgr.wait_until_finished()
     best_step = mgr.best_step()
     best_val, best_test = final_val, final_test
     if best_step is not None and best_step != total:
@@ -942,7 +1176,10 @@ def _loop(cfg, exp, mgr, metrics, out, start, limit, on_step) -> dict:
             "loss": best["val_loss"], "accuracy": best["val_accuracy"], "count": best["val_count"]
         }  # fmt: skip
         restore_checkpoint(mgr, exp, best_step)
-        best_test = exp.evaluate("test")
+        logger.info(
+            "best validation accuracy at step %d: evaluating the test split there", best_step
+        )
+        best_test = _timed_evaluate(exp, "test", first=False)
         metrics.write({"step": best_step, "split": "test", "checkpoint": "best", **best_test})
     else:
         best_step = total
@@ -964,23 +1201,96 @@ def _loop(cfg, exp, mgr, metrics, out, start, limit, on_step) -> dict:
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The CLI arguments (see the module docstring)."""
-    parser = argparse.ArgumentParser(description="Train an ssmix model on an LRA task.")
-    parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--model", required=True, choices=MODELS)
-    parser.add_argument("--preset", default="published", choices=PRESETS)
+def _timed_evaluate(exp: Experiment, split: str, *, first: bool) -> dict:
+    """``exp.evaluate(split)`` with a line before (the first evaluation compiles) and a line
+    after it (loss, accuracy, examples and time)."""
+    count = len(exp.data.split(split))
+    if first:
+        logger.info("compiling the evaluation step and evaluating %d %s examples", count, split)
+    start = time.perf_counter()
+    result = exp.evaluate(split)
+    step = int(jax.device_get(exp.state["step"]))
+    logger.info(
+        "step %d: %s loss %.4f, accuracy %.4f (%d examples, %.1f s)",
+        step, split, result["loss"], result["accuracy"], result["count"],
+        time.perf_counter() - start,
+    )  # fmt: skip
+    return result
+
+
+PATHS_HELP = (
+    "A relative out_dir / data_dir (and the default data folder data/) is taken relative to "
+    "the repository root when ssmix runs from a git checkout, else relative to the current "
+    "directory."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.lra.train",
+        description="Train an ssmix model on an LRA task.",
+        epilog=PATHS_HELP + " Exit status: 0 done, 1 error, 2 usage error, 130 interrupted "
+        "(Ctrl-C or SIGTERM; a checkpoint is saved first).",
+    )
+    parser.add_argument("--task", choices=TASKS, help="required unless --resume RUN_DIR")
+    parser.add_argument("--model", choices=MODELS, help="required unless --resume RUN_DIR")
+    parser.add_argument("--preset", default=None, choices=PRESETS, help="default: published")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field (repeatable); mixer.<arg>=value sets a layer argument",
     )  # fmt: skip
     parser.add_argument("--data", default=None, help="dataset folder (default: under data/)")
-    parser.add_argument("--resume", action="store_true", help="continue the existing run")
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+        help="continue a run: RUN_DIR reads its own config.json (--set may change only "
+        + ", ".join(RESUMABLE_FIELDS) + "); without RUN_DIR, the run of --task/--model/--set",
+    )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run")
+    parser.add_argument(
+        "--print-config", action="store_true",
+        help="print the resolved config as JSON and exit (nothing is loaded or written)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--list-presets", action="store_true",
+        help="list the presets of every task x model (or of --task / --model) with their "
+        "sources, and exit",
+    )  # fmt: skip
     parser.add_argument(
         "--distributed", action="store_true", help="call jax.distributed.initialize() first"
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The CLI arguments (see the module docstring)."""
+    return build_parser().parse_args(argv)
+
+
+def resume_config(run: str | Path, overrides: list[str], data_dir: str | None = None) -> Config:
+    """The config that continues the run in directory ``run``: its ``config.json`` with
+    ``overrides`` (``key=value``; only :data:`~experiments.lra.configs.RESUMABLE_FIELDS`
+    may change) and the run's location (``out_dir`` / ``run_name`` of ``run`` itself, so a
+    moved run directory resumes in place). Raises ``ValueError`` naming a field that may not
+    change, ``FileNotFoundError`` when ``run`` is not a run directory."""
+    run = Path(run).expanduser().resolve()
+    if not (run / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{run} is not a run directory (no config.json): --resume RUN_DIR takes the "
+            "directory of a run, e.g. runs/listops-s4d-demo"
+        )
+    saved = _read_config(run)
+    values = dict(saved)
+    apply_overrides(values, list(overrides) + ([f"data_dir={data_dir}"] if data_dir else []))
+    values.update(out_dir=str(run.parent), run_name=run.name)
+    cfg = Config.from_dict(values)
+    changed = config_changes(saved, cfg)
+    if changed:
+        raise ValueError(
+            f"--resume {run}: {', '.join(changed)} cannot change when a run is resumed (only "
+            f"{', '.join(RESUMABLE_FIELDS)} can); start a new run with --set run_name=<name>"
+        )
+    return cfg
 
 
 def format_summary(name: str, summary: dict) -> str:
@@ -997,22 +1307,69 @@ def format_summary(name: str, summary: dict) -> str:
 USER_ERRORS = (ValueError, OSError, CheckpointError, NonFiniteLossError)
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def cli_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    """The run's config from the parsed arguments, its layer arguments checked; every
+    configuration error is ``parser.error`` (one line, exit status 2)."""
+    try:
+        if isinstance(args.resume, str):
+            for flag in ("task", "model", "preset"):
+                if getattr(args, flag) is not None:
+                    parser.error(f"--resume RUN_DIR reads the run's config: drop --{flag}")
+            cfg = resume_config(args.resume, args.overrides, args.data)
+        else:
+            if args.task is None or args.model is None:
+                parser.error("--task and --model are required (or --resume RUN_DIR)")
+            overrides = list(args.overrides) + ([f"data_dir={args.data}"] if args.data else [])
+            cfg = make_config(args.task, args.model, args.preset or "published", overrides)
+        check_mixer_args(cfg)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.error(_one_line(e))
+    return cfg
+
+
+def print_presets(task: str | None, model: str | None) -> None:
+    """Print the presets (``task  model  preset  source``), one a line."""
+    rows = list_presets(
+        (task,) if task else TASKS, (model,) if model else MODELS
+    )  # fmt: skip
+    print(f"{'task':<11} {'model':<10} {'preset':<10} source")
+    for r in rows:
+        print(f"{r['task']:<11} {r['model']:<10} {r['preset']:<10} {r['source']}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (130 after an interrupt, 1 after an error,
-    which is logged as one line)."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    """CLI entry point; returns the exit status: 0 done, 1 after an error (logged as one
+    line), 2 for a usage or configuration error (before any data is loaded), 130 after an
+    interrupt (SIGINT or SIGTERM; the command that continues the run is printed)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.list_presets:
+        print_presets(args.task, args.model)
+        return 0
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    cfg = cli_config(args, parser)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
     if args.distributed:
         jax.distributed.initialize()
-    overrides = list(args.overrides) + ([f"data_dir={args.data}"] if args.data else [])
     try:
-        cfg = make_config(args.task, args.model, args.preset, overrides)
-        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except USER_ERRORS as e:
-        logger.error("error: %s", e)
+        logger.error("error: %s", _one_line(e))
         return 1
     if summary["status"] == "interrupted":
+        if jax.process_index() == 0:
+            command = (
+                f"python -m experiments.lra.train --resume {shlex.quote(str(summary['run_dir']))}"
+            )
+            print(f"interrupted at step {summary['step']}; continue with: {command}")
         return 130
     if jax.process_index() == 0:
         print(format_summary(cfg.name, summary))
