@@ -7,7 +7,8 @@ layer in :mod:`ssmix.layers` follows this convention). A *mixer factory* is a ca
 - :class:`ResidualBlock`: norm, mixer, activation, output projection or GLU, dropout tied
   across the length axis, residual connection (pre- or post-norm), optional MLP sub-block.
 - :class:`SequenceModel`: token embedding or linear encoder, a stack of residual blocks,
-  pooling over the sequence and a classification head.
+  pooling over the sequence and a classification head (``head="pooled"``), or per-position
+  logits for next-token prediction (``head="token"``).
 - :class:`RetrievalModel`: a siamese :class:`SequenceModel` encoder whose two pooled
   features u, v are combined as ``[u, v, u - v, u * v]`` and classified by an MLP.
 
@@ -19,6 +20,14 @@ a step-dependent key and stay a pure function.
 BatchNorm and padding: with a ``mask``, batch statistics are computed over valid positions
 only (padded positions never shift the mean or variance); running averages are updated from
 those masked statistics.
+
+Recurrent inference: for a stack of causal mixers that have ``init_state`` / ``step`` (S4,
+S4D, S5 and their PTD variants without ``bidirectional``, causal :class:`~ssmix.layers.Attention`
+with its KV cache), :meth:`ResidualBlock.step` and :meth:`SequenceModel.step` advance the whole
+model by one position: ``state = model.init_state(B)`` then ``state, out_t = model.step(state,
+x_t)`` for t = 0, 1, ...; the outputs equal the full forward pass of the model in eval mode
+position by position. Stepping is inference: dropout is off and BatchNorm normalises with its
+running statistics (as in eval mode) without updating them, in either mode.
 """
 
 from __future__ import annotations
@@ -31,12 +40,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssmix._checks import check_choice, check_ndim, check_positive_int
+from ssmix.layers.base import check_step_input
 
 NORMS = ("layer", "batch", "rms")
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 GLUS = ("none", "full", "half1", "half2")
 POOLINGS = ("mean", "masked_mean", "last")
 POSITIONALS = ("none", "sinusoidal")
+HEADS = ("pooled", "token")
 
 # Flax's default BatchNorm momentum (0.99) makes running statistics lag far behind the
 # weights in short runs; 0.9 matches PyTorch's default (momentum 0.1) used by the S4 code.
@@ -103,6 +114,38 @@ class Norm(nnx.Module):
         if self.kind == "batch" and mask is not None:
             return self.norm(x, mask=mask[..., None])
         return self.norm(x)
+
+    def step(self, x_t: jax.Array) -> jax.Array:
+        """Normalise one position ``x_t (B, H) -> (B, H)``, as the eval-mode call does at each
+        position: layer / RMS norm per position; BatchNorm with its running statistics
+        (whatever the training mode, and without updating them)."""
+        if self.kind == "batch":
+            return self.norm(x_t, use_running_average=True)
+        return self.norm(x_t)
+
+
+def check_steppable(mixer: nnx.Module, what: str) -> None:
+    """Raise ``ValueError`` unless ``mixer`` can be decoded recurrently: it has ``init_state``
+    and ``step`` and is causal (not ``bidirectional=True``, not ``causal=False``)."""
+    name = type(mixer).__name__
+    steppable = callable(getattr(mixer, "step", None)) and callable(
+        getattr(mixer, "init_state", None)
+    )
+    if not steppable:
+        raise ValueError(
+            f"{what} needs causal mixers with init_state/step; {name} has no step, so it "
+            "cannot be decoded recurrently (use S4, S4D, S5, S4PTD, S5PTD or causal Attention)"
+        )
+    if getattr(mixer, "bidirectional", False) is True:
+        raise ValueError(
+            f"{what} needs causal mixers; this {name} is bidirectional (it reads the future): "
+            "construct it with bidirectional=False"
+        )
+    if getattr(mixer, "causal", True) is False:
+        raise ValueError(
+            f"{what} needs causal mixers; this {name} has causal=False (it attends to the "
+            "future): construct it with causal=True"
+        )
 
 
 class ResidualBlock(nnx.Module):
@@ -173,10 +216,9 @@ class ResidualBlock(nnx.Module):
             self.mlp_in = None
             self.mlp_out = None
 
-    def _mix(self, x, mask, rngs):
-        act = _ACTIVATION_FNS[self.activation]
-        z = self.mixer(x, mask=mask, **({"rngs": rngs} if self.mixer_takes_rngs else {}))
-        a = self.dropout(act(z), rngs=rngs)
+    def _output_map(self, z, drop):
+        """Activation, dropout ``drop``, output map / GLU of the mixer output ``z (..., H)``."""
+        a = drop(_ACTIVATION_FNS[self.activation](z))
         if self.glu == "none":
             y = dense(self.out, a)
         elif self.glu == "full":
@@ -186,12 +228,15 @@ class ResidualBlock(nnx.Module):
             y = a * jax.nn.sigmoid(dense(self.out, a))
         else:
             y = z * jax.nn.sigmoid(dense(self.out, a))
-        return self.dropout(y, rngs=rngs)
+        return drop(y)
 
-    def _mlp(self, x, rngs):
-        act = _ACTIVATION_FNS[self.activation]
-        h = self.dropout(act(dense(self.mlp_in, x)), rngs=rngs)
-        return self.dropout(dense(self.mlp_out, h), rngs=rngs)
+    def _mix(self, x, mask, rngs):
+        z = self.mixer(x, mask=mask, **({"rngs": rngs} if self.mixer_takes_rngs else {}))
+        return self._output_map(z, lambda t: self.dropout(t, rngs=rngs))
+
+    def _mlp(self, x, drop):
+        h = drop(_ACTIVATION_FNS[self.activation](dense(self.mlp_in, x)))
+        return drop(dense(self.mlp_out, h))
 
     def __call__(
         self, x: jax.Array, mask: jax.Array | None = None, *, rngs: nnx.Rngs | None = None
@@ -208,21 +253,73 @@ class ResidualBlock(nnx.Module):
         else:
             x = self.norm(x + self._mix(x, mask, rngs), mask)
         if self.mlp_in is not None:
+            drop = lambda t: self.dropout(t, rngs=rngs)  # noqa: E731
             if self.prenorm:
-                x = x + self._mlp(self.mlp_norm(x, mask), rngs)
+                x = x + self._mlp(self.mlp_norm(x, mask), drop)
             else:
-                x = self.mlp_norm(x + self._mlp(x, rngs), mask)
+                x = self.mlp_norm(x + self._mlp(x, drop), mask)
         return x
+
+    def init_state(self, batch: int, max_len: int | None = None):
+        """The block's recurrent state for :meth:`step`: its mixer's ``init_state(batch)``
+        (a pytree of arrays), or ``init_state(batch, max_len)`` for a mixer whose state is a
+        cache of ``max_len`` positions (causal :class:`~ssmix.layers.Attention`).
+
+        Raises ``ValueError`` for a mixer that cannot be stepped (no ``step``, bidirectional,
+        non-causal attention) and when such a cache needs ``max_len`` and none is given.
+        """
+        check_steppable(self.mixer, "ResidualBlock.step")
+        params = inspect.signature(self.mixer.init_state).parameters
+        if "max_len" not in params:
+            return self.mixer.init_state(batch)
+        if max_len is None:
+            if params["max_len"].default is inspect.Parameter.empty:
+                raise ValueError(
+                    f"the state of {type(self.mixer).__name__} is a cache of max_len "
+                    "positions: pass init_state(batch, max_len=...), the most positions "
+                    "step will be called for"
+                )
+            return self.mixer.init_state(batch)
+        return self.mixer.init_state(batch, max_len=max_len)
+
+    def step(self, state, x_t: jax.Array):
+        """Advance the block by one position: ``x_t (B, H) -> (state, y_t (B, H))``.
+
+        ``state`` comes from :meth:`init_state` or the previous call; ``y_t`` equals the
+        eval-mode ``__call__`` output at this position (dropout off, BatchNorm with its running
+        statistics; see :meth:`Norm.step`).
+        """
+        check_steppable(self.mixer, "ResidualBlock.step")
+        check_step_input(x_t, self.d_model)
+        keep = lambda t: t  # noqa: E731  (no dropout when stepping)
+        if self.prenorm:
+            state, z = self.mixer.step(state, self.norm.step(x_t))
+            x_t = x_t + self._output_map(z, keep)
+        else:
+            state, z = self.mixer.step(state, x_t)
+            x_t = self.norm.step(x_t + self._output_map(z, keep))
+        if self.mlp_in is not None:
+            if self.prenorm:
+                x_t = x_t + self._mlp(self.mlp_norm.step(x_t), keep)
+            else:
+                x_t = self.mlp_norm.step(x_t + self._mlp(x_t, keep))
+        return state, x_t
+
+
+def sinusoids(t: jax.Array, d_model: int) -> jax.Array:
+    """Sinusoidal encodings of positions ``t (...)`` (any integer or float array, traced
+    included): ``(..., d_model)`` in float32, as :func:`sinusoidal_positions`."""
+    t = jnp.asarray(t).astype(jnp.float32)[..., None]
+    freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)
+    angles = t * freqs
+    pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return pe.reshape(*angles.shape[:-1], -1)[..., :d_model]
 
 
 def sinusoidal_positions(length: int, d_model: int) -> jax.Array:
     """Fixed sinusoidal position encodings ``(length, d_model)`` (Transformer): features
     ``2i`` and ``2i + 1`` are ``sin`` and ``cos`` of ``t / 10000^(2i / d_model)``."""
-    t = jnp.arange(length, dtype=jnp.float32)[:, None]
-    freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)
-    angles = t * freqs[None, :]
-    pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, -1)
-    return pe[:, :d_model]
+    return sinusoids(jnp.arange(length), d_model)
 
 
 def pool(x: jax.Array, mask: jax.Array | None, kind: str) -> jax.Array:
@@ -250,20 +347,32 @@ class SequenceModel(nnx.Module):
     """Encoder, a stack of residual blocks, pooling and a classification head.
 
     Input ``x`` is either integer tokens ``(B, L)`` (when ``vocab_size`` is given: a learned
-    embedding) or features ``(B, L, d_input)`` (a linear encoder). The output is logits
-    ``(B, n_classes)``, or the pooled features ``(B, d_model)`` when ``n_classes`` is None.
+    embedding) or features ``(B, L, d_input)`` (a linear encoder). With ``head="pooled"``
+    (default) the output is logits ``(B, n_classes)``, or the pooled features
+    ``(B, d_model)`` when ``n_classes`` is None. With ``head="token"`` nothing is pooled: the
+    head maps every position, logits ``(B, L, n_classes)`` (next-token prediction with
+    causal mixers), or the features ``(B, L, d_model)`` when ``n_classes`` is None.
     Every block uses a fresh mixer ``mixer_factory(d_model, rngs=rngs)``. With pre-norm and
     ``final_norm`` a final norm is applied before pooling (the S4 code's stack); S5's model
     has none (``final_norm=False``). Post-norm stacks never add one.
+
+    Recurrent decoding (causal mixers with ``step``; ``head="token"`` or ``n_classes=None``):
+    ``state = model.init_state(B)``, then ``state, out_t = model.step(state, x_t)`` per
+    position gives ``out_t``, the eval-mode ``__call__`` output at that position (see the
+    module docstring).
 
     Args:
       mixer_factory: ``factory(d_model, rngs=rngs) -> mixer`` (see module docstring).
       n_layers: number of residual blocks.
       d_model: H, the width of the residual stream.
-      n_classes: number of output classes, or None for pooled features.
+      n_classes: number of output classes (``head="token"``: the vocabulary of the
+        next-token logits), or None for features.
       vocab_size: number of token ids (token input); exactly one of this and ``d_input``.
       d_input: number of input features per position (continuous input).
-      pooling: ``"mean"``, ``"masked_mean"`` or ``"last"`` (see :func:`pool`).
+      pooling: ``"mean"``, ``"masked_mean"`` or ``"last"`` (see :func:`pool`); unused by
+        ``head="token"``.
+      head: ``"pooled"`` (pool, then classify: ``(B, n_classes)``) or ``"token"``
+        (per-position logits ``(B, L, n_classes)``).
       positional: ``"none"`` or ``"sinusoidal"`` (added after the encoder; attention needs
         it, SSMs do not).
       norm, prenorm, activation, glu, dropout, mlp_ratio, norm_momentum: as in
@@ -291,9 +400,11 @@ class SequenceModel(nnx.Module):
         mlp_ratio: float = 0.0,
         final_norm: bool = True,
         norm_momentum: float = BATCHNORM_MOMENTUM,
+        head: str = "pooled",
         rngs: nnx.Rngs,
     ):
         check_positive_int("n_layers", n_layers)
+        self.head_kind = check_choice("head", head, HEADS)
         if not isinstance(final_norm, bool):
             raise TypeError(f"final_norm must be a bool; got {final_norm!r}")
         check_momentum(norm_momentum)
@@ -370,12 +481,83 @@ class SequenceModel(nnx.Module):
     def __call__(
         self, x: jax.Array, mask: jax.Array | None = None, *, rngs: nnx.Rngs | None = None
     ) -> jax.Array:
-        """Classify ``x``: logits ``(B, n_classes)`` (or pooled features ``(B, d_model)``).
+        """Classify ``x``: logits ``(B, n_classes)`` (or pooled features ``(B, d_model)``);
+        with ``head="token"``, per-position logits ``(B, L, n_classes)`` (or ``(B, L,
+        d_model)`` features).
 
         ``mask (B, L)`` marks valid positions (right padding); ``rngs`` gives dropout keys.
         """
-        h = pool(self.encode(x, mask, rngs=rngs), mask, self.pooling)
+        h = self.encode(x, mask, rngs=rngs)
+        if self.head_kind == "token":
+            return dense(self.head, h) if self.head is not None else h
+        h = pool(h, mask, self.pooling)
         return self.head(h) if self.head is not None else h
+
+    def _check_steppable(self):
+        if self.head_kind == "pooled" and self.head is not None:
+            raise ValueError(
+                "SequenceModel.step gives per-position outputs, but this model pools the "
+                "sequence before its classification head: use head='token' (per-position "
+                "logits) or n_classes=None (per-position features)"
+            )
+        for block in self.blocks:
+            check_steppable(block.mixer, "SequenceModel.step")
+
+    def init_state(self, batch: int, max_len: int | None = None) -> dict:
+        """The recurrent state for :meth:`step`: ``{"position": int32 (), "blocks": [state
+        of each block]}`` (see :meth:`ResidualBlock.init_state`; ``max_len``, the most
+        positions to decode, is needed by attention mixers' KV caches only).
+
+        Raises ``ValueError`` for a model that cannot be stepped: a mixer without ``step``,
+        a bidirectional or non-causal mixer, or a pooled classification head.
+        """
+        check_positive_int("batch", batch)
+        self._check_steppable()
+        return {
+            "position": jnp.zeros((), jnp.int32),
+            "blocks": [block.init_state(batch, max_len) for block in self.blocks],
+        }
+
+    def step(self, state: dict, x_t: jax.Array) -> tuple[dict, jax.Array]:
+        """Decode one position: ``x_t`` integer tokens ``(B,)`` (``vocab_size``) or features
+        ``(B, d_input)`` -> ``(state, out_t)``.
+
+        ``out_t`` is ``(B, n_classes)`` logits (``head="token"``) or ``(B, d_model)``
+        features (``n_classes=None``): the eval-mode ``__call__`` output at this position.
+        ``state`` (from :meth:`init_state` or the previous call) carries every block's state
+        and the position index (for ``positional="sinusoidal"``); it is a pytree of arrays of
+        fixed shapes and dtypes, so a ``jax.lax.scan`` over positions can carry it.
+        """
+        self._check_steppable()
+        if not (isinstance(state, dict) and set(state) == {"position", "blocks"}):
+            raise ValueError(
+                "state must be the dict {'position', 'blocks'} from SequenceModel.init_state; "
+                f"got {type(state).__name__}"
+            )
+        if len(state["blocks"]) != len(self.blocks):
+            raise ValueError(
+                f"state holds {len(state['blocks'])} block states; the model has "
+                f"{len(self.blocks)} blocks"
+            )
+        if self.vocab_size is not None:
+            check_ndim("x_t", x_t, 1, "(batch,) integer tokens")
+            if not jnp.issubdtype(x_t.dtype, jnp.integer):
+                raise TypeError(f"token input x_t must be an integer array; got {x_t.dtype}")
+            h = self.encoder(x_t)
+        else:
+            check_step_input(x_t, self.d_input)
+            h = dense(self.encoder, x_t)
+        position = state["position"]
+        if self.positional == "sinusoidal":
+            h = h + sinusoids(position, h.shape[-1]).astype(h.dtype)
+        block_states = []
+        for block, block_state in zip(self.blocks, state["blocks"], strict=True):
+            block_state, h = block.step(block_state, h)
+            block_states.append(block_state)
+        if self.final_norm is not None:
+            h = self.final_norm.step(h)
+        out = self.head(h) if self.head is not None else h
+        return {"position": position + 1, "blocks": block_states}, out
 
 
 class RetrievalModel(nnx.Module):
@@ -400,6 +582,11 @@ class RetrievalModel(nnx.Module):
         **encoder_kwargs,
     ):
         check_positive_int("n_classes", n_classes)
+        if encoder_kwargs.get("head", "pooled") != "pooled":
+            raise ValueError(
+                "RetrievalModel pools each input: its encoder needs head='pooled'; got "
+                f"head={encoder_kwargs['head']!r}"
+            )
         mlp_dim = d_model if mlp_dim is None else check_positive_int("mlp_dim", mlp_dim)
         self.activation = check_choice(
             "activation", encoder_kwargs.get("activation", "gelu"), ACTIVATIONS

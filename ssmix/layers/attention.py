@@ -10,6 +10,14 @@ give masked keys zero weight. Input rule: :func:`ssmix._checks.check_sequence_in
 call time, so a bad value assigned after construction fails clearly. ``materialize(x,
 mask=None)`` returns the per-head mixing weights (the matrix M of ``y = M v`` before the output
 projection) for inspection and testing.
+
+Precision: every layer returns its input's dtype. The projections promote a low-precision
+input (bfloat16, float16) to the float32 parameters, the kernels compute in float32 or wider,
+and the output is cast back; a float64 input computes (and returns) float64.
+
+Recurrent decoding: causal :class:`Attention` keeps a KV cache,
+``state = layer.init_state(B, max_len)`` then ``state, y_t = layer.step(state, x_t)``, equal
+to the causal forward pass position by position.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from ssmix.kernels.attention import (
     tensor_attention,
     tensor_attention_weights,
 )
+from ssmix.layers.base import check_step_input
 
 __all__ = ["Attention", "KroneckerAttention", "TensorAttention"]
 
@@ -81,9 +90,9 @@ class _Projected(nnx.Module):
         y = y.reshape(x.shape[:2] + (self.parts, self.num_heads, self.head_dim))
         return [y[:, :, i] for i in range(self.parts)]
 
-    def _output(self, y: jax.Array) -> jax.Array:
-        """``(B, L, heads, head_dim) -> (B, L, features)``."""
-        return self.out_proj(y.reshape(y.shape[:2] + (-1,)))
+    def _output(self, y: jax.Array, dtype) -> jax.Array:
+        """``(B, L, heads, head_dim) -> (B, L, features)`` in ``dtype`` (the input's)."""
+        return self.out_proj(y.reshape(y.shape[:2] + (-1,))).astype(dtype)
 
 
 class Attention(_Projected):
@@ -135,12 +144,92 @@ class Attention(_Projected):
             b, h, n, _ = q.shape
             block_size = softmax_block_size(b, h, n, n, dtype=jnp.result_type(q, jnp.float32))
         y = softmax_attention(q, k, v, causal=self.causal, mask=mask, block_size=block_size)
-        return self._output(jnp.swapaxes(y, 1, 2))
+        return self._output(jnp.swapaxes(y, 1, 2), x.dtype)
 
     def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """The attention weights per head, ``(B, heads, L, L)``: head h mixes ``v_h`` by them."""
         q, k, _ = self._qkv(_checked_input(x, self.features, mask))
         return softmax_attention_weights(q, k, causal=self.causal, mask=mask)
+
+    def _check_causal(self):
+        if not self.causal:
+            raise ValueError(
+                "Attention(causal=False) attends to future positions, so it has no recurrent "
+                "form: construct it with causal=True to use init_state/step"
+            )
+
+    def init_state(self, batch: int, max_len: int, dtype=None) -> dict:
+        """An empty KV cache for :meth:`step`: ``{"k", "v": (batch, heads, max_len,
+        head_dim), "position": int32 ()}``.
+
+        ``max_len`` is the most positions :meth:`step` will be called for; ``dtype`` of the
+        cache defaults to the projections' parameter dtype (float32, or float64 for a model
+        cast to float64). Raises ``ValueError`` for a non-causal layer.
+        """
+        self._check_causal()
+        check_positive_int("batch", batch)
+        check_positive_int("max_len", max_len)
+        dtype = self.in_proj.kernel.dtype if dtype is None else jnp.dtype(dtype)
+        shape = (batch, self.num_heads, max_len, self.head_dim)
+        return {
+            "k": jnp.zeros(shape, dtype),
+            "v": jnp.zeros(shape, dtype),
+            "position": jnp.zeros((), jnp.int32),
+        }
+
+    def _check_state(self, state, batch: int):
+        if not (isinstance(state, dict) and set(state) == {"k", "v", "position"}):
+            raise ValueError(
+                "state must be the KV cache dict {'k', 'v', 'position'} from "
+                f"Attention.init_state; got {type(state).__name__}"
+            )
+        k = state["k"]
+        expected = (batch, self.num_heads, k.shape[2] if k.ndim == 4 else -1, self.head_dim)
+        for name in ("k", "v"):
+            if tuple(state[name].shape) != expected:
+                raise ValueError(
+                    f"state[{name!r}] must have shape (B, heads, max_len, head_dim) = "
+                    f"{expected}; got {state[name].shape}"
+                )
+
+    def step(self, state: dict, x_t: jax.Array) -> tuple[dict, jax.Array]:
+        """One position of causal attention: ``x_t (B, features) -> (state, y_t (B,
+        features))``.
+
+        The new key and value are written into the cache at ``state["position"]`` and the
+        query attends to cache positions ``0 … position``: ``y_t`` equals the causal
+        ``__call__`` output at that position. A full cache (``position == max_len``) raises
+        ``ValueError`` when the position is concrete; under ``jit`` (traced position) the
+        output is NaN instead, so an overflow never passes silently.
+        """
+        self._check_causal()
+        check_step_input(x_t, self.features)
+        self._check_state(state, x_t.shape[0])
+        k_cache, v_cache, pos = state["k"], state["v"], state["position"]
+        max_len = k_cache.shape[2]
+        if not isinstance(pos, jax.core.Tracer) and int(pos) >= max_len:
+            raise ValueError(
+                f"the KV cache is full: it holds max_len={max_len} positions and "
+                f"{int(pos)} were stepped; start from init_state(batch, max_len) with a "
+                "larger max_len"
+            )
+        q, k, v = (t[:, 0] for t in self._project(x_t[:, None]))  # (B, heads, dh) each
+        k_cache = jax.lax.dynamic_update_slice_in_dim(
+            k_cache, k[:, :, None].astype(k_cache.dtype), pos, axis=2
+        )
+        v_cache = jax.lax.dynamic_update_slice_in_dim(
+            v_cache, v[:, :, None].astype(v_cache.dtype), pos, axis=2
+        )
+        dtype = jnp.result_type(q, k_cache, jnp.float32)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        s = jnp.einsum("bhd,bhkd->bhk", q.astype(dtype) * scale, k_cache.astype(dtype))
+        valid = jnp.arange(max_len) <= pos
+        s = jnp.where(valid, s, -jnp.inf)
+        w = jax.nn.softmax(s, axis=-1)
+        y = jnp.einsum("bhk,bhkd->bhd", w, v_cache.astype(dtype))
+        y = jnp.where(pos < max_len, y, jnp.nan)
+        y = self._output(y[:, None], x_t.dtype)[:, 0]
+        return {"k": k_cache, "v": v_cache, "position": pos + 1}, y
 
 
 class KroneckerAttention(_Projected):
@@ -201,7 +290,7 @@ class KroneckerAttention(_Projected):
         """``x (B, L, features)``, ``mask (B, L)`` bool or None -> ``(B, L, features)``."""
         q, k, v, gmask = self._grid_qkv(x, mask)
         y = kao(q, variant=self.variant, num_heads=self.num_heads, keys=k, values=v, mask=gmask)
-        return self._output(y.reshape(x.shape[:2] + (self.num_heads, self.head_dim)))
+        return self._output(y.reshape(x.shape[:2] + (self.num_heads, self.head_dim)), x.dtype)
 
     def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """The KAO mixing matrix per head, ``(B, heads, L, L)``: head h outputs ``M_h v_h``."""
@@ -361,7 +450,7 @@ class TensorAttention(_Projected):
         )
         b, n = x.shape[:2]
         y = jnp.swapaxes(y.reshape(b, self.num_heads, n, self.head_dim), 1, 2)
-        return self._output(y)
+        return self._output(y, x.dtype)
 
     def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """The exact n × n² weights per head, ``(B, heads, L, L, L)`` (small L only).
