@@ -1225,6 +1225,16 @@ PATHS_HELP = (
 )
 
 
+def python_command() -> str:
+    """``python`` when the ``python`` on ``PATH`` is this environment's (the same ``bin``
+    folder), else this interpreter's path (e.g. a virtual environment that is not
+    activated): the start of a printed command."""
+    found = shutil.which("python")
+    if found and Path(found).absolute().parent == Path(sys.executable).absolute().parent:
+        return "python"
+    return sys.executable
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser (see the module docstring)."""
     parser = argparse.ArgumentParser(
