@@ -103,8 +103,7 @@ def choose_step(run: Path, choice: int | str, keep: int = 1) -> int:
             return int(mgr.best_step())
         if choice not in steps:
             raise FileNotFoundError(
-                f"no checkpoint for step {choice} in {ckpt_dir}; available steps: "
-                + ", ".join(map(str, steps))
+                f"no checkpoint for step {choice} in {ckpt_dir}; available: {steps}"
             )
         return int(choice)
     finally:

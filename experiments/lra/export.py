@@ -289,7 +289,7 @@ def load_exported(path: str | os.PathLike) -> tuple[nnx.Module, Config]:
                 )
         nnx.update(
             model,
-            nnx.State.from_flat_path({k: jax.numpy.asarray(v) for k, v in saved.items()}),
+            nnx.from_flat_state({k: jax.numpy.asarray(v) for k, v in saved.items()}),
         )
     model.eval()
     return model, exported.cfg
