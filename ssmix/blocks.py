@@ -260,27 +260,31 @@ class ResidualBlock(nnx.Module):
                 x = self.mlp_norm(x + self._mlp(x, drop), mask)
         return x
 
-    def init_state(self, batch: int, max_len: int | None = None):
+    def init_state(self, batch: int, max_len: int | None = None, dtype=None):
         """The block's recurrent state for :meth:`step`: its mixer's ``init_state(batch)``
-        (a pytree of arrays), or ``init_state(batch, max_len)`` for a mixer whose state is a
-        cache of ``max_len`` positions (causal :class:`~ssmix.layers.Attention`).
+        (a pytree of arrays), with ``max_len=`` for a mixer whose state is a cache of
+        ``max_len`` positions (causal :class:`~ssmix.layers.Attention`) and ``dtype=`` for a
+        mixer whose ``init_state`` takes one (Attention's cache, Mamba2), when given; other
+        mixers' states keep their own dtype (the S4 family's follows its ``param_dtype``).
 
         Raises ``ValueError`` for a mixer that cannot be stepped (no ``step``, bidirectional,
         non-causal attention) and when such a cache needs ``max_len`` and none is given.
         """
         check_steppable(self.mixer, "ResidualBlock.step")
         params = inspect.signature(self.mixer.init_state).parameters
-        if "max_len" not in params:
-            return self.mixer.init_state(batch)
-        if max_len is None:
-            if params["max_len"].default is inspect.Parameter.empty:
+        kwargs = {}
+        if dtype is not None and "dtype" in params:
+            kwargs["dtype"] = dtype
+        if "max_len" in params:
+            if max_len is not None:
+                kwargs["max_len"] = max_len
+            elif params["max_len"].default is inspect.Parameter.empty:
                 raise ValueError(
                     f"the state of {type(self.mixer).__name__} is a cache of max_len "
                     "positions: pass init_state(batch, max_len=...), the most positions "
                     "step will be called for"
                 )
-            return self.mixer.init_state(batch)
-        return self.mixer.init_state(batch, max_len=max_len)
+        return self.mixer.init_state(batch, **kwargs)
 
     def step(self, state, x_t: jax.Array):
         """Advance the block by one position: ``x_t (B, H) -> (state, y_t (B, H))``.
@@ -503,10 +507,11 @@ class SequenceModel(nnx.Module):
         for block in self.blocks:
             check_steppable(block.mixer, "SequenceModel.step")
 
-    def init_state(self, batch: int, max_len: int | None = None) -> dict:
+    def init_state(self, batch: int, max_len: int | None = None, dtype=None) -> dict:
         """The recurrent state for :meth:`step`: ``{"position": int32 (), "blocks": [state
         of each block]}`` (see :meth:`ResidualBlock.init_state`; ``max_len``, the most
-        positions to decode, is needed by attention mixers' KV caches only).
+        positions to decode, is needed by attention mixers' KV caches only; ``dtype`` sets
+        the state dtype of mixers whose ``init_state`` takes one).
 
         Raises ``ValueError`` for a model that cannot be stepped: a mixer without ``step``,
         a bidirectional or non-causal mixer, or a pooled classification head.
@@ -515,7 +520,7 @@ class SequenceModel(nnx.Module):
         self._check_steppable()
         return {
             "position": jnp.zeros((), jnp.int32),
-            "blocks": [block.init_state(batch, max_len) for block in self.blocks],
+            "blocks": [block.init_state(batch, max_len, dtype) for block in self.blocks],
         }
 
     def step(self, state: dict, x_t: jax.Array) -> tuple[dict, jax.Array]:
