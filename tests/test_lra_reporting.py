@@ -4,7 +4,6 @@ recognised by their marker, corrupted checkpoints, non-finite losses, atomic wri
 half-written metrics, failed starts leaving nothing behind."""
 
 import json
-import logging
 import shutil
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 import experiments.lra.models as lra_models
+from experiments.logs import setup_logging
 from experiments.lra import evaluate as lra_evaluate
 from experiments.lra import results as lra_results
 from experiments.lra import train as lra_train
@@ -34,6 +34,14 @@ def _cfg(data_dir, out_dir, **extra):
     tiny = dict(d_model=8, n_layers=1, max_len=48, pad_multiple=48, max_steps=40)
     values = _toy_overrides(data_dir, out_dir, **{**tiny, **extra})
     return make_config("listops", "s4d", "demo", values)
+
+
+@pytest.fixture
+def cli_logging():
+    """The package loggers' stderr handler (``experiments.logs.setup_logging``, which every
+    CLI main installs and which stops propagation to the root logger): log lines are read
+    with ``capsys``, whichever test ran first."""
+    setup_logging()
 
 
 @pytest.fixture
@@ -177,7 +185,7 @@ def test_results_table_over_seeds(peak_run, tmp_path, capsys):
     assert "names no finished run" in capsys.readouterr().err
 
 
-def test_overwrite_and_resume_refuse_what_is_not_a_run(data_dir, tmp_path, caplog):
+def test_overwrite_and_resume_refuse_what_is_not_a_run(data_dir, tmp_path, cli_logging, capsys):
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
@@ -188,9 +196,9 @@ def test_overwrite_and_resume_refuse_what_is_not_a_run(data_dir, tmp_path, caplo
             lra_train.train(cfg, **flags)
     args = ["--task", "listops", "--model", "s4d", "--preset", "demo", "--overwrite",
             "--set", f"out_dir={tmp_path}", "--set", "run_name=victim"]  # fmt: skip
-    with caplog.at_level(logging.ERROR, logger="experiments.lra"):
-        assert lra_train.main(args) == 1
-    assert "not an ssmix run directory" in caplog.text
+    capsys.readouterr()
+    assert lra_train.main(args) == 1
+    assert "not an ssmix run directory" in capsys.readouterr().err
     assert (victim / "precious.txt").read_text() == "keep me"
     for name in ("../escape", "/tmp/abs", "a/b", "..", "."):
         with pytest.raises(ValueError, match="run_name must be a plain directory name"):
@@ -207,7 +215,7 @@ def test_overwrite_and_resume_refuse_what_is_not_a_run(data_dir, tmp_path, caplo
 
 
 def test_nonfinite_loss_stops_keeping_the_good_checkpoints(data_dir, tmp_path, toy_mixer,
-                                                           caplog):  # fmt: skip
+                                                           cli_logging, capsys):  # fmt: skip
     nan = float("nan")
     cfg = _cfg(data_dir, tmp_path, run_name="nan", lr=nan, ssm_lr=nan, ckpt_every=2,
                log_every=100, eval_every=100, max_nonfinite_steps=3)  # fmt: skip
@@ -237,9 +245,9 @@ def test_nonfinite_loss_stops_keeping_the_good_checkpoints(data_dir, tmp_path, t
             "run_name": "nan-cli"}  # fmt: skip
     for key, value in sets.items():
         args += ["--set", f"{key}={json.dumps(value) if isinstance(value, dict) else value}"]
-    with caplog.at_level(logging.ERROR, logger="experiments.lra"):
-        assert lra_train.main(args) == 1
-    assert "consecutive steps had a non-finite loss" in caplog.text
+    capsys.readouterr()
+    assert lra_train.main(args) == 1
+    assert "consecutive steps had a non-finite loss" in capsys.readouterr().err
     assert not (tmp_path / "nan-cli").exists()
 
 
@@ -247,8 +255,9 @@ def _empty(path):
     path.write_bytes(b"")
 
 
-def test_corrupted_checkpoints_and_half_written_metrics(peak_run, data_dir, tmp_path,
-                                                        toy_mixer, caplog):  # fmt: skip
+def test_corrupted_checkpoints_and_half_written_metrics(
+    peak_run, data_dir, tmp_path, toy_mixer, cli_logging, capsys
+):
     cfg, summary, run = peak_run
     copy = tmp_path / "peak"
     shutil.copytree(run, copy)
@@ -275,9 +284,9 @@ def test_corrupted_checkpoints_and_half_written_metrics(peak_run, data_dir, tmp_
     rows_before = lra_train.read_metrics(copy / "metrics.jsonl")
     with open(copy / "metrics.jsonl", "a") as f:
         f.write('{"step": 41, "split": "tr')
-    with caplog.at_level(logging.WARNING, logger="experiments.lra"):
-        resumed = lra_train.train(cfg, resume=True)
-    assert "checkpoint(s) [40] unreadable: fell back to step 36" in caplog.text
+    capsys.readouterr()
+    resumed = lra_train.train(cfg, resume=True)
+    assert "checkpoint(s) [40] unreadable: fell back to step 36" in capsys.readouterr().err
     assert (copy / "corrupted_checkpoints" / "40" / "state").is_dir()
     assert resumed["status"] == "done" and resumed["final"]["step"] == 40
     rows = lra_train.read_metrics(copy / "metrics.jsonl")
@@ -289,7 +298,7 @@ def test_corrupted_checkpoints_and_half_written_metrics(peak_run, data_dir, tmp_
     assert sorted(int(p.name) for p in (copy / "checkpoints").iterdir()) == [PEAK, 36, 40]
 
 
-def test_atomic_writes_and_metrics_lines(tmp_path, caplog):
+def test_atomic_writes_and_metrics_lines(tmp_path, cli_logging, capsys):
     path = tmp_path / "config.json"
     lra_train.write_atomic(path, '{"a": 1}\n')
     lra_train.write_atomic(path, '{"a": 2}\n')
@@ -297,9 +306,9 @@ def test_atomic_writes_and_metrics_lines(tmp_path, caplog):
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary left
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "split": "val"}\n{"step": 2, "spl')
-    with caplog.at_level(logging.WARNING, logger="experiments.lra"):
-        assert lra_train.read_metrics(metrics) == [{"step": 1, "split": "val"}]
-    assert "ignoring a half-written last line 2" in caplog.text
+    capsys.readouterr()
+    assert lra_train.read_metrics(metrics) == [{"step": 1, "split": "val"}]
+    assert "ignoring a half-written last line 2" in capsys.readouterr().err
     log = lra_train.MetricsLog(metrics, True)
     log.truncate_after(5)
     assert metrics.read_text() == '{"step": 1, "split": "val"}\n'

@@ -934,14 +934,14 @@ def train(
         metrics = MetricsLog(out / "metrics.jsonl", lead)
         start = 0
         if continuing and mgr.all_steps():
-            finished = _finished_summary(out, exp.total_steps, mgr.latest_step())
+            start = restore_latest_intact(mgr, exp, out)
+            finished = _finished_summary(out, exp.total_steps, start)
             if finished is not None:
                 logger.info(
                     "%s already finished at step %d: nothing to do (--set max_steps=N with a "
                     "larger N extends it)", out, finished["step"],
                 )  # fmt: skip
                 return finished
-            start = restore_latest_intact(mgr, exp, out)
             if start > exp.total_steps:
                 raise ValueError(
                     f"the run is at step {start}, beyond the {exp.total_steps} steps of "
@@ -1001,8 +1001,8 @@ def _continued_config(saved: dict, cfg: Config, n_train: int) -> Config:
 
 
 def _finished_summary(out: Path, total: int, latest: int | None) -> dict | None:
-    """The saved summary of a run that finished at ``total`` steps (its latest checkpoint
-    is that step), with the returned-only ``val`` / ``test`` keys; ``None`` otherwise."""
+    """The saved summary of a run that finished at ``total`` steps (its latest intact
+    checkpoint is that step), with the returned-only ``val`` / ``test`` keys; else ``None``."""
     path = out / "summary.json"
     if latest != total or not path.is_file():
         return None
