@@ -13,7 +13,7 @@
 (:func:`ssmix.auto_backend`): the blocks, chunks and rematerialisation an accelerator gets, so
 their cost can be timed on any device; ``full_auto`` is the Attention layer's default there.
 
-Run ``python benchmarks/attention.py`` (``--small`` for a quick check). Targets (issue 7):
+Run ``python benchmarks/attention.py`` (``--small`` for a quick check). Targets:
 KAO_KV at 64² ≥ 20× faster than full attention; approx with head dimension 8 and entries
 uniform in [−½, ½]: relative error ≤ 1e-2 and fitted time exponent over 256…4096 ≤ 1.3.
 """

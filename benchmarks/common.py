@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+
+_START = time.perf_counter()
+
+
+def progress(text: str) -> None:
+    """One progress line on stderr, ``[elapsed s] text``, flushed at once (the results go to
+    stdout, so ``> table.md`` keeps only them)."""
+    print(f"  [{time.perf_counter() - _START:6.1f} s] {text}", file=sys.stderr, flush=True)
 
 
 def compiled(fn: Callable[..., Any], *args: Any) -> Any:
@@ -41,7 +50,7 @@ def median_time(executable: Any, *args: Any, repeats: int = 3) -> float:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print a Markdown table (pasteable into issue notes)."""
+    """Print a Markdown table."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")

@@ -13,7 +13,7 @@
     depthwise convolution, forward + backward, on Hydra's conv input (batch 8, L = 4096,
     768 channels).
 
-Run ``python benchmarks/hydra.py`` (``--small`` for a quick check). Targets (issue 6): chunked
+Run ``python benchmarks/hydra.py`` (``--small`` for a quick check). Targets: chunked
 at least 3× faster than sequential at L = 4096, and time(16384) / time(4096) ≤ 5 for the
 chunked method.
 """
@@ -31,7 +31,13 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import compiled, median_time, memory_mb, print_table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    compiled,
+    median_time,
+    memory_mb,
+    print_table,
+    progress,
+)
 from ssmix.kernels.ssd import default_chunk_size, ssd  # noqa: E402
 from ssmix.layers import Hydra  # noqa: E402
 from ssmix.layers.mixers import ShortConv  # noqa: E402
@@ -76,7 +82,9 @@ def bench_layer(lengths, batch, d_model, chunk_size, max_gib, methods):
             t, mem = timed(step, state, x, r, max_gib=limit)
             if t is None:
                 rows.append((L, method, f"skipped (plan {mem / 1024:.1f} GiB)", "", ""))
+                progress(f"layer L={L} {method}: skipped (plan {mem / 1024:.1f} GiB)")
                 continue
+            progress(f"layer L={L} {method}: {t:.3f} s")
             if method == "chunked":
                 chunked[L] = t
             ratio = f"{t / chunked[L]:.2f}" if L in chunked else ""
@@ -105,6 +113,7 @@ def bench_chunk_sizes(L, batch, heads, P, N, chunk_sizes):
         t, mem = timed(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), x, dt, A, B, C)
         base = t if base is None else base
         rows.append((Q, f"{t:.3f}", f"{t / base:.2f}", f"{mem:.0f}"))
+        progress(f"SSD chunk {Q}: {t:.3f} s")
     print_table(["chunk", "time s", f"× chunk {chunk_sizes[0]}", "memory MiB"], rows)
 
 
@@ -134,6 +143,7 @@ def bench_conv(batch, L, channels, K):
         t, _ = timed(step, x, params)
         base = t if base is None else base
         rows.append((name, f"{t:.3f}", f"{t / base:.1f}"))
+        progress(f"conv {name}: {t:.3f} s")
     print_table(["method", "time s", "× slices"], rows)
 
 

@@ -1,6 +1,6 @@
 """Forward+backward time of the FFT convolution and of every linear_scan method.
 
-Problem (issue 2): H = 128 features, N = 64 complex modes per feature, so the recurrence
+Problem: H = 128 features, N = 64 complex modes per feature, so the recurrence
 has a state of shape (H, N) per sequence and `b`, the states and their cotangents are each
 B·L·H·N complex64 values. At B = 16 that is 1 GiB per tensor at L = 1024 and 16 GiB at
 L = 16384, more than this 24 GiB machine can hold for a forward+backward pass, so the batch
@@ -9,7 +9,7 @@ shrinks as L grows to keep B·L = 16384 tokens per call (B = 16, 4, 1 for L = 10
 an LTI state space layer of the same shape reduces to. Ratios are to the sequential scan
 measured in the same run.
 
-    python benchmarks/kernels.py            # the table of the issue
+    python benchmarks/kernels.py            # the full table
     python benchmarks/kernels.py --small    # seconds, for make demo and smoke tests
 """
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import compiled, median_time, memory_mb, print_table  # noqa: E402
+from common import compiled, median_time, memory_mb, print_table, progress  # noqa: E402
 
 from ssmix.kernels.fftconv import fft_conv  # noqa: E402
 from ssmix.kernels.scan import METHODS, linear_scan  # noqa: E402
@@ -78,8 +78,10 @@ def main() -> None:
                 memory_mb(exe),
             )
             del exe
+            progress(f"L={L} B={B} scan {method}: {results[f'scan {method}'][0] * 1e3:.1f} ms")
         exe = compiled(jax.value_and_grad(conv_loss, argnums=(0, 1)), u, kern)
         results["fft_conv"] = (median_time(exe, u, kern, repeats=args.repeats), memory_mb(exe))
+        progress(f"L={L} B={B} fft_conv: {results['fft_conv'][0] * 1e3:.1f} ms")
         base = results["scan sequential"][0]
         fastest = min(t for name, (t, _) in results.items() if name.startswith("scan"))
         for name, (t, mem) in results.items():

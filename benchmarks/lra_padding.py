@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import print_table  # noqa: E402
+from benchmarks.common import print_table, progress  # noqa: E402
 from experiments.lra.configs import make_config  # noqa: E402
 from experiments.lra.data import (  # noqa: E402
     BYTE_VOCAB_SIZE,
@@ -138,8 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     ]  # fmt: skip
     results = []
     for name, overrides in rows_cfg:
-        print(f"{name} ...", file=sys.stderr, flush=True)
+        progress(f"{name} ...")
         results.append((name, overrides, run_epoch(data, {**common, **overrides})))
+        r = results[-1][2]
+        progress(f"{name}: epoch {r['epoch_s']:.1f} s, compile {r['compile_s']:.1f} s")
     base = results[0][2]["epoch_s"]
     rows = []
     for name, overrides, r in results:

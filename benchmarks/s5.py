@@ -26,7 +26,13 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compiled, median_time, memory_mb, print_table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    compiled,
+    median_time,
+    memory_mb,
+    print_table,
+    progress,
+)
 from ssmix.kernels.s5 import METHODS, s5_ssm  # noqa: E402
 from ssmix.kernels.scan import linear_scan  # noqa: E402
 
@@ -108,6 +114,7 @@ def main() -> None:
                     f"{scan_base / scan_t:.2f}x",
                 )
             )
+            progress(f"L={L} {method}: S5 {t * 1e3:.1f} ms, scan {scan_t * 1e3:.1f} ms")
     print(
         f"S5 forward+backward, {'bidirectional' if args.bidirectional else 'causal'}, "
         f"float32, chunk_size={args.chunk_size}, device={jax.devices()[0].platform}"

@@ -9,7 +9,7 @@ padding, every token valid, through the real jitted train step of
 ``experiments.lra.train.Experiment`` (forward, backward, grouped AdamW, BatchNorm updates).
 The table gives the median step time after a compile + warm-up step, tokens per second
 (batch × length / step time) and the ratio to S4D in the same run. A model whose layer is
-not in the checkout yet is listed as skipped with the issue that provides it.
+not available in this installation is listed as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import print_table  # noqa: E402
+from benchmarks.common import print_table, progress  # noqa: E402
 from experiments.lra.configs import make_config  # noqa: E402
 from experiments.lra.data import LISTOPS_VOCAB, Ragged, Split, TaskData  # noqa: E402
-from experiments.lra.models import MIXERS, LayerUnavailable, mixer_class  # noqa: E402
+from experiments.lra.models import LayerUnavailable, mixer_class  # noqa: E402
 from experiments.lra.train import Experiment  # noqa: E402
 
 MODELS = ("s4d", "s5", "hydra", "attention")
@@ -77,20 +77,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.small:
         args.length, args.batch, args.repeats = 256, 8, 3
-    results = {}
+    results, unavailable = {}, {}
     for model in MODELS:
         try:
             mixer_class(model)
-        except LayerUnavailable:
-            results[model] = None
+        except LayerUnavailable as e:
+            results[model], unavailable[model] = None, str(e)
+            progress(f"{model}: skipped ({e})")
             continue
         results[model] = time_model(model, args.length, args.batch, args.repeats)
+        r = results[model]
+        progress(f"{model}: {r['step_s'] * 1e3:.1f} ms/step (compile {r['compile_s']:.1f} s)")
     base = results.get("s4d")
     rows = []
     for model in MODELS:
         r = results[model]
         if r is None:
-            skipped = f"skipped: layer from issue {MIXERS[model][1]}"
+            skipped = f"skipped: {unavailable[model]}"
             rows.append([model, "-", "-", "-", "-", skipped])
             continue
         tokens = args.batch * args.length / r["step_s"]

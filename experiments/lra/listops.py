@@ -154,10 +154,6 @@ def write_listops(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    logger.info(
-        "generating %d ListOps samples (%d < length < %d) into %s",
-        n_train + n_val + n_test, min_length, max_length, out,
-    )  # fmt: skip
     rows = generate_listops(
         n_train + n_val + n_test, seed=seed, min_length=min_length, max_length=max_length,
         progress=progress,
@@ -182,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     setup_logging()
+    logger.info(
+        "generating %d ListOps samples (%d < length < %d) into %s",
+        args.n_train + args.n_val + args.n_test, args.min_length, args.max_length, args.out,
+    )  # fmt: skip
     write_listops(
         args.out,
         n_train=args.n_train,

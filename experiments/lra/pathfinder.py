@@ -216,9 +216,6 @@ def write_pathfinder(
         )
     root = Path(out_dir) / PATHFINDER_DIFFICULTY
     (root / "metadata").mkdir(parents=True, exist_ok=True)
-    logger.info(
-        "generating %d Pathfinder images (%dx%d) into %s", n_samples, resolution, resolution, root
-    )
     progress_bar = tqdm(
         total=n_samples, desc=f"Pathfinder {resolution}x{resolution}", unit="image",
         disable=None if progress is None else not progress,
@@ -259,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     from experiments.lra.data import DATA_ROOT
 
     out = args.out or DATA_ROOT / f"pathfinder{args.resolution}"
+    logger.info(
+        "generating %d Pathfinder images (%dx%d) into %s",
+        args.n_samples, args.resolution, args.resolution, out,
+    )  # fmt: skip
     write_pathfinder(
         out,
         n_samples=args.n_samples,

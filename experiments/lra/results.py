@@ -17,20 +17,24 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 
+from experiments.logs import setup_logging
 from experiments.lra.configs import MODELS, TASKS
+
+logger = logging.getLogger("experiments.lra")
 
 TASK_TITLES = {
     "listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
     "pathfinder": "Pathfinder", "pathx": "Path-X",
 }  # fmt: skip
 
-# Test accuracy (%) reported by the papers (sources: /shared/REFERENCE.md §9 and the papers'
-# LRA tables). Only numbers that could be checked are listed; the PTD paper's per-task
-# numbers are not in our sources, so S4-PTD / S5-PTD show what is (the average, Path-X).
+# Test accuracy (%) reported by the papers (their LRA tables: S4 and S4D by Gu et al.,
+# S5 by Smith et al., S4-PTD / S5-PTD by Yu et al.). Only numbers that could be checked are
+# listed: for S4-PTD / S5-PTD the average and Path-X.
 PUBLISHED: dict[str, dict] = {
     "s4": {
         "source": "S4 (Gu et al. 2022, v3 configs)",
@@ -215,11 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the groups as JSON here")
     parser.add_argument("--markdown", default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
+    setup_logging()
     try:
-        groups = collect([load_run(p) for p in find_runs(args.runs)])
+        paths = find_runs(args.runs)
+        groups = collect([load_run(p) for p in paths])
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        logger.error("error: %s", e)
         return 1
+    logger.info("collected %d run(s) into %d group(s)", len(paths), len(groups))
     text = to_markdown(groups)
     print(text, end="")
     if args.markdown:
