@@ -7,7 +7,11 @@ In Python::
 
     from experiments.lra.export import load_exported
     model, cfg = load_exported("model.npz")  # an nnx.Module in eval mode, its Config
-    logits = model(x, mask)                  # (batch, n_classes)
+    logits = model(x, mask)  # (batch, n_classes); retrieval: model(x, x2, mask, mask2)
+
+``x`` is ``(batch, length)`` int32 token ids or ``(batch, length, 1)`` float32 scaled pixels
+(see :class:`TaskInfo`), ``mask`` ``(batch, length)`` bool, True at valid positions;
+:func:`experiments.lra.data.make_batch` builds both from raw examples.
 
 The file is a NumPy ``.npz`` archive (``numpy.load`` reads it; no pickle): member
 ``ssmix_export`` (UTF-8 JSON as bytes) holds the run's config, the task's input description
@@ -336,12 +340,7 @@ def export_run(
     }
     variables = restore_model_state(run_path / "checkpoints", chosen, target)
     write_export(out, cfg=cfg, info=info, variables=variables, step=chosen, source=str(run_path))
-    exported = read_export(out)
-    logger.info(
-        "exported step %d of %s (%d parameter values) to %s",
-        chosen, run_path, exported.n_params, out,
-    )  # fmt: skip
-    return exported
+    return read_export(out)  # read back: what was written is intact
 
 
 def describe(exported: Exported, path: str | os.PathLike) -> str:
