@@ -16,7 +16,7 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
-NAMES = ["01_hippo", "02_ssm_kernels", "03_matrix_mixers", "04_attention"]
+NAMES = ["01_hippo", "02_ssm_kernels", "03_matrix_mixers", "04_attention", "05_causal_models"]
 
 sys.path.insert(0, str(NOTEBOOK_DIR))
 import build  # noqa: E402  (notebooks/build.py, the notebooks' cell sources)
