@@ -183,13 +183,15 @@ class Attention(_Projected):
                 "state must be the KV cache dict {'k', 'v', 'position'} from "
                 f"Attention.init_state; got {type(state).__name__}"
             )
-        k = state["k"]
-        expected = (batch, self.num_heads, k.shape[2] if k.ndim == 4 else -1, self.head_dim)
+        k_shape = tuple(getattr(state["k"], "shape", ()))
+        max_len = k_shape[2] if len(k_shape) == 4 else "max_len"
+        expected = (batch, self.num_heads, max_len, self.head_dim)
         for name in ("k", "v"):
-            if tuple(state[name].shape) != expected:
+            got = tuple(getattr(state[name], "shape", ()))
+            if got != expected:
                 raise ValueError(
                     f"state[{name!r}] must have shape (B, heads, max_len, head_dim) = "
-                    f"{expected}; got {state[name].shape}"
+                    f"{expected}; got {got}"
                 )
 
     def step(self, state: dict, x_t: jax.Array) -> tuple[dict, jax.Array]:
