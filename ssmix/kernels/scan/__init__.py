@@ -25,6 +25,16 @@ Four methods compute the same thing, one module each (:func:`linear_scan_naive` 
 measured there (``benchmarks/kernels.py``), ``"parallel"`` on GPU and TPU, where every loop
 step is a round of kernel launches.
 
+Packed sequences (``segment_ids (B, L)``, integer; equal ids = same document): the state is
+reset wherever the id changes from one position to the next in the direction of the
+recurrence, by a zero decay there (``a_t := 0`` where ``id_t ≠ id_{t−1}``; in reverse, where
+``id_t ≠ id_{t+1}``, i.e. the boundary seen from the right). A constant decay therefore
+becomes a time-varying ``(B, L, *S_a)`` one. Every method runs the same recurrence, so packed
+rows equal running each segment alone and concatenating: ``initial_state`` enters only the
+first segment processed (the first one, or the last one in reverse); every later segment
+starts from zero; the final state is the last processed segment's. Ids need not be sorted or
+distinct between segments: only changes between neighbours count.
+
 Gradients: the adjoint of a linear recurrence is the same recurrence run the other way
 (``λ_t = g_t + a_{t+1} λ_{t+1}``), so every method differentiates by calling itself in
 reverse (a ``custom_vjp``), as fast as the forward pass and without storing anything but
@@ -45,7 +55,14 @@ from ssmix._backend import pallas_interpret, pallas_variant, resolve_backend
 from ssmix._checks import check_choice, check_positive_int
 from ssmix.kernels.scan import chunked as _chunked
 from ssmix.kernels.scan import parallel as _parallel
-from ssmix.kernels.scan._common import prepare, slice_t, step, sum_to_shape
+from ssmix.kernels.scan._common import (
+    check_segment_ids,
+    prepare,
+    segment_starts,
+    slice_t,
+    step,
+    sum_to_shape,
+)
 from ssmix.kernels.scan.associative import associative
 from ssmix.kernels.scan.naive import linear_scan_naive
 from ssmix.kernels.scan.pallas import pallas_scan
@@ -86,6 +103,7 @@ def linear_scan(
     method: str = "auto",
     chunk_size: int | None = None,
     interpret: bool | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Run ``x_t = a_t ⊙ x_{t−1} + b_t`` over axis 1 and return all states and the last one.
 
@@ -106,10 +124,18 @@ def linear_scan(
         (None: :data:`ssmix.kernels.scan.pallas.DEFAULT_BLOCK`).
       interpret: ``"pallas"`` only: run the kernel in Pallas's interpreter. None: when
         ``jax.default_backend()`` is CPU (compiled on GPU / TPU).
+      segment_ids: packed sequences: an integer ``(B, L)`` array, equal ids = same document
+        (module docstring, *Packed sequences*). None: one sequence per row.
 
     Returns:
       ``(states (B, L, *S), final_state (B, *S))`` in the promoted dtype of the inputs;
-      ``final_state`` is ``states[:, -1]`` (``states[:, 0]`` for ``reverse=True``).
+      ``final_state`` is ``states[:, -1]`` (``states[:, 0]`` for ``reverse=True``), with
+      ``segment_ids`` the final state of the last segment processed.
+
+    Raises:
+      ValueError: inconsistent shapes, an unknown method, a non-positive chunk size,
+        ``segment_ids`` not ``(B, L)``.
+      TypeError: integer inputs, non-integer ``segment_ids``.
     """
     check_choice("method", method, ("auto", *METHODS, *EXPLICIT_METHODS))
     if chunk_size is not None:
@@ -126,6 +152,7 @@ def linear_scan(
         chunk_size=chunk_size,
         loop_grad=backend == "cpu",
         kernel=_pallas_options(method, backend, interpret),
+        segment_ids=segment_ids,
     )
 
 
@@ -141,11 +168,28 @@ def _pallas_options(method, backend, interpret):
 @functools.partial(
     jax.jit, static_argnames=("reverse", "method", "chunk_size", "loop_grad", "kernel")
 )
-def _linear_scan(a, b, initial_state, *, reverse, method, chunk_size, loop_grad, kernel):
+def _linear_scan(
+    a, b, initial_state, *, reverse, method, chunk_size, loop_grad, kernel, segment_ids=None
+):
     a, b, x0, time_varying, out_dtype = prepare(a, b, initial_state)
+    if segment_ids is not None:
+        a = _reset_decays(a, b.shape, segment_ids, reverse, time_varying)
+        time_varying = True
     options = (reverse, method, chunk_size, time_varying, loop_grad, kernel)
     states, final = _scan(a, b, x0, *options)
     return states.astype(out_dtype), final.astype(out_dtype)
+
+
+def _reset_decays(a, b_shape, segment_ids, reverse, time_varying):
+    """The time-varying decay ``(B, L, *S_a)`` of a packed batch: ``a`` with a zero wherever a
+    segment starts (:func:`~ssmix.kernels.scan._common.segment_starts`), so the state entering
+    that step is dropped. The zero is a constant, so no gradient reaches ``a`` there."""
+    ids = check_segment_ids(segment_ids, b_shape[0], b_shape[1])
+    starts = segment_starts(ids, reverse)
+    if not time_varying:
+        a = a[None, None]
+    starts = starts.reshape(starts.shape + (1,) * (a.ndim - 2))
+    return jnp.where(starts, jnp.zeros((), a.dtype), a)
 
 
 def _forward(a, b, x0, reverse, method, chunk_size, time_varying, extra=None, kernel=None):

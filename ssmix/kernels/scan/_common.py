@@ -84,3 +84,30 @@ def sum_to_shape(x, shape):
         lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1
     )
     return jnp.sum(x, axis=axes).reshape(shape) if axes else x
+
+
+def check_segment_ids(segment_ids, batch: int, length: int, *, name: str = "segment_ids"):
+    """Validate packed-sequence ids: an integer ``(batch, length)`` array (``TypeError`` for
+    any other dtype, ``ValueError`` for any other shape). Returns it as an array."""
+    dtype = getattr(segment_ids, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        got = dtype if dtype is not None else type(segment_ids).__name__
+        raise TypeError(
+            f"{name} must be an integer array of shape (B, L) = {(batch, length)} (equal ids = "
+            f"same document); got {got}"
+        )
+    if tuple(segment_ids.shape) != (batch, length):
+        raise ValueError(
+            f"{name} must have shape (B, L) = {(batch, length)}; got {tuple(segment_ids.shape)}"
+        )
+    return jnp.asarray(segment_ids)
+
+
+def segment_starts(segment_ids: jax.Array, reverse: bool = False) -> jax.Array:
+    """``(B, L)`` bool: True where a new segment begins in the direction of the recurrence,
+    i.e. where the id differs from the previous position's (``t − 1``; ``t + 1`` when
+    ``reverse``). Position 0 (``L − 1`` when ``reverse``) is never a start: the initial state
+    belongs to the first segment processed."""
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]  # between t and t + 1
+    edge = jnp.zeros_like(change[:, :1])
+    return jnp.concatenate([change, edge] if reverse else [edge, change], axis=1)

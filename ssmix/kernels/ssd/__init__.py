@@ -37,6 +37,18 @@ on GPU and TPU. ``chunk_size=None`` (the default) is :func:`default_chunk_size`:
 are resolved in Python before the jitted kernel is called, so the compiled program is keyed
 on the concrete method.
 
+Packed sequences (:func:`ssd`'s ``segment_ids (B, L)``, integer; equal ids = same document,
+as ``seq_idx`` in state-spaces/mamba): the state is reset to zero wherever the id changes
+between neighbours, so a packed row equals running each segment alone and concatenating.
+The reset sits at the boundary in the direction of the recurrence (forward: at ``t`` where
+``id_t ≠ id_{t−1}``; ``reverse``: at ``t`` where ``id_t ≠ id_{t+1}``, the boundary seen from
+the right). ``initial_state`` enters only the first segment processed (the first, or the
+last when ``reverse``), every later one starts from zero, and the final state is the last
+processed segment's. In matrix form ``M[t, s] = 0`` when ``s`` and ``t`` lie in different
+segments; the forms never form ``dt·A = −∞``: every factor spanning a boundary (inside a
+chunk, to or from a chunk's edge, across chunks) is masked to an exact zero before or after
+its exponential, so exponents stay ≤ 0 and gradients stay finite.
+
 The quasiseparable mixer of Hydra (REFERENCE §7) adds a backward SSD and a diagonal:
 
     QS(x) = shift(SS_fw(x)) + flip(shift(SS_bw(flip(x)))) + diag·x,
@@ -70,11 +82,13 @@ import jax.numpy as jnp
 
 from ssmix._backend import pallas_interpret, pallas_variant, resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int
+from ssmix.kernels.scan._common import check_segment_ids
 from ssmix.kernels.ssd.chunked import ssd_chunked
 from ssmix.kernels.ssd.common import (
     check_qs_args,
     check_ssd_args,
     compute_dtype,
+    segment_labels,
     shift_earlier,
     shift_later,
 )
@@ -170,6 +184,7 @@ def ssd(
     reverse: bool = False,
     method: str = "auto",
     interpret: bool | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Run the SSD (Mamba-2 scalar-decay) recurrence over axis 1.
 
@@ -189,17 +204,21 @@ def ssd(
         (:mod:`.pallas`: one fused Pallas kernel, reverse-mode gradients only).
       interpret: ``method="pallas"`` only: Pallas interpret mode; None means interpret mode
         when ``jax.default_backend()`` is CPU, compiled elsewhere.
+      segment_ids: packed sequences, an integer ``(B, L)`` array (equal ids = same
+        document; module docstring, *Packed sequences*), or None.
 
     Returns:
       ``(y (B, L, Hh, P), final_state (B, Hh, P, N))``: ``y`` in the dtype of ``x``, the
       state in the promoted compute dtype (at least float32). The final state is the one
-      after the last step processed (``t = L − 1``, or ``t = 0`` when ``reverse``).
+      after the last step processed (``t = L − 1``, or ``t = 0`` when ``reverse``): with
+      ``segment_ids``, the last processed segment's.
 
     Raises:
-      ValueError: wrong ranks or shapes, ``G`` not dividing ``Hh``, a non-positive
-        ``chunk_size``, an unknown ``method``; a negative ``dt`` or a positive ``A`` when they
-        are concrete (not under ``jit`` / ``grad`` / ``vmap``, module docstring).
-      TypeError: non-floating inputs.
+      ValueError: wrong ranks or shapes (``segment_ids`` not ``(B, L)`` included), ``G`` not
+        dividing ``Hh``, a non-positive ``chunk_size``, an unknown ``method``; a negative
+        ``dt`` or a positive ``A`` when they are concrete (not under ``jit`` / ``grad`` /
+        ``vmap``, module docstring).
+      TypeError: non-floating inputs, non-integer ``segment_ids``.
     """
     method, chunk_size = _resolve(method, chunk_size)
     _check_signs([("dt", dt)], A)
@@ -214,25 +233,32 @@ def ssd(
         reverse=reverse,
         method=method,
         pallas=_pallas_options(method, interpret),
+        segment_ids=segment_ids,
     )
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "reverse", "method", "pallas"))
-def _ssd(x, dt, A, B, C, *, chunk_size, initial_state, reverse, method, pallas=None):
+def _ssd(
+    x, dt, A, B, C, *, chunk_size, initial_state, reverse, method, pallas=None, segment_ids=None
+):
     check_ssd_args(x, dt, A, B, C, initial_state)
+    labels = None
+    if segment_ids is not None:
+        labels = segment_labels(check_segment_ids(segment_ids, *x.shape[:2]))
     out_dtype, dtype = compute_dtype(x, dt, A, B, C, initial_state)
     x, dt, A, B, C = (v.astype(dtype) for v in (x, dt, A, B, C))
     if initial_state is not None:
         initial_state = initial_state.astype(dtype)
     if method == "materialized":
-        y, final = ssd_naive(x, dt, A, B, C, initial_state, reverse)
+        y, final = ssd_naive(x, dt, A, B, C, initial_state, reverse, labels)
     elif method == "sequential":
-        y, final = ssd_sequential(x, dt, A, B, C, initial_state, reverse)
+        y, final = ssd_sequential(x, dt, A, B, C, initial_state, reverse, labels)
     else:
         form = _form(method, pallas)
         if reverse:
             x, dt, B, C = (jnp.flip(v, axis=1) for v in (x, dt, B, C))
-        y, final = form(x, dt, A, B, C, initial_state, chunk_size)
+            labels = None if labels is None else jnp.flip(labels, axis=1)
+        y, final = form(x, dt, A, B, C, initial_state, chunk_size, labels)
         if reverse:
             y = jnp.flip(y, axis=1)
     return y.astype(out_dtype), final

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ssmix.kernels.ssd.common import group_heads, pad_to_chunks
+from ssmix.kernels.ssd.common import chunk_resets, group_heads, pad_to_chunks
 
 # --------------------------------------------------------------------------------------
 # Chunked form: a loop over chunks in the caller's layout, with a hand-written gradient.
@@ -30,9 +30,10 @@ from ssmix.kernels.ssd.common import group_heads, pad_to_chunks
 # over the native ``(Q, Hh·P)`` slab of the chunk.
 
 
-def ssd_chunked(x, dt, A, B, C, h0, chunk_size):
+def ssd_chunked(x, dt, A, B, C, h0, chunk_size, labels=None):
     """Chunked SSD, forward direction: ``(y (B, L, Hh, P), final state (B, Hh, P, N))`` from
-    promoted inputs as in :func:`ssmix.kernels.ssd.ssd` (``h0`` or None)."""
+    promoted inputs as in :func:`ssmix.kernels.ssd.ssd` (``h0`` or None; segment ``labels
+    (B, L)`` of :func:`~ssmix.kernels.ssd.common.segment_labels` or None)."""
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G
@@ -47,7 +48,8 @@ def ssd_chunked(x, dt, A, B, C, h0, chunk_size):
     if h0 is None:
         h0 = jnp.zeros((b, H, P, N), x.dtype)
     s0 = jnp.moveaxis(h0.reshape(b, G, R, P, N), 4, 2)
-    y, s_final = _chunked_core(xc, dtc, group_heads(A, G), Bc, Cc, s0)
+    resets = None if labels is None else chunk_resets(labels, nc, Q)
+    y, s_final = _chunked_core(xc, dtc, group_heads(A, G), Bc, Cc, s0, resets)
     y = y.reshape(b, nc * Q, H, P)[:, :L]
     return y, jnp.moveaxis(s_final, 2, 4).reshape(b, H, P, N)
 
@@ -65,36 +67,52 @@ def _split(v, *shape):
     return v.reshape(*v.shape[:2], *shape)
 
 
-def _chunk_terms(xk, dtk, A, Bk, Ck):
+def _chunk_terms(xk, dtk, A, Bk, Ck, zk=None):
     """Chunk-local quantities shared by the forward and the backward pass.
 
     Returns ``cs (b, Q, G, R)`` (cumulative ``dt·A`` inside the chunk, ≤ 0 and decreasing),
     ``Lm (b, G, R, Q, Q)`` (``exp(cs_i − cs_j)`` for ``j ≤ i``, else 0), ``CB (b, G, Q, Q)``,
-    ``u (b, Q, G, R, P)`` (``dt·x``) and ``e (b, Q, G, R)`` (``exp(cs_end − cs_j)``).
+    ``u (b, Q, G, R, P)`` (``dt·x``), ``e (b, Q, G, R)`` (``exp(cs_end − cs_j)``), ``ecs
+    (b, Q, G, R)`` (``exp(cs_i)``: entering state to row ``i``) and ``d_end (b, G, R)``
+    (``exp(cs_end)``: the decay across the chunk). With the chunk's segment-start counts
+    ``zk (b, Q)`` (:func:`chunk_resets`) every factor that spans a segment start is zero: the
+    masks are constants, so the gradients below hold unchanged.
     """
     Q = xk.shape[1]
     cs = jnp.cumsum(dtk * A, axis=1)
     cs_t = jnp.moveaxis(cs, 1, 3)  # (b, G, R, Q)
     mask = jnp.tril(jnp.ones((Q, Q), bool))
+    if zk is not None:
+        mask = mask & (zk[:, None, None, :, None] == zk[:, None, None, None, :])
     Lm = jnp.exp(jnp.where(mask, cs_t[..., :, None] - cs_t[..., None, :], -jnp.inf))
     CB = jnp.einsum("bign,bjgn->bgij", Ck, Bk)
     u = xk * dtk[..., None]
     e = jnp.exp(cs[:, -1:] - cs)
-    return cs, Lm, CB, u, e
+    ecs = jnp.exp(cs)
+    d_end = jnp.exp(cs[:, -1])
+    if zk is not None:
+        e = jnp.where((zk == zk[:, -1:])[..., None, None], e, 0)
+        ecs = jnp.where((zk == 0)[..., None, None], ecs, 0)
+        d_end = jnp.where((zk[:, -1] == 0)[:, None, None], d_end, 0)
+    return cs, Lm, CB, u, e, ecs, d_end
 
 
-def _chunk_forward(xk, dtk, A, Bk, Ck, s):
+def _chunk_forward(xk, dtk, A, Bk, Ck, s, zk=None):
     """One chunk: outputs ``(b, Q, G, R, P)`` and the state after the chunk."""
-    cs, Lm, CB, u, e = _chunk_terms(xk, dtk, A, Bk, Ck)
+    cs, Lm, CB, u, e, ecs, d_end = _chunk_terms(xk, dtk, A, Bk, Ck, zk)
     W = CB[:, :, None] * Lm
     y = jnp.einsum("bgrij,bjgrp->bigrp", W, u)
-    y = y + jnp.exp(cs)[..., None] * jnp.einsum("bign,bgnrp->bigrp", Ck, s)
-    s_next = jnp.exp(cs[:, -1])[:, :, None, :, None] * s
+    y = y + ecs[..., None] * jnp.einsum("bign,bgnrp->bigrp", Ck, s)
+    s_next = d_end[:, :, None, :, None] * s
     s_next = s_next + jnp.einsum("bjgn,bjgrp->bgnrp", Bk, u * e[..., None])
     return y, s_next
 
 
-def _chunked_loop(xc, dtc, A, Bc, Cc, s0, save_states):
+def _resets_at(zc, k):
+    return None if zc is None else _chunk(zc, k)
+
+
+def _chunked_loop(xc, dtc, A, Bc, Cc, s0, zc, save_states):
     nc = xc.shape[1]
     G, N, R, P = s0.shape[1:]
 
@@ -109,6 +127,7 @@ def _chunked_loop(xc, dtc, A, Bc, Cc, s0, save_states):
             _split(_chunk(Bc, k), G, N),
             _split(_chunk(Cc, k), G, N),
             s,
+            _resets_at(zc, k),
         )
         return s, _put(y, yk, k), states
 
@@ -118,28 +137,27 @@ def _chunked_loop(xc, dtc, A, Bc, Cc, s0, save_states):
 
 
 @jax.custom_vjp
-def _chunked_core(xc, dtc, A, Bc, Cc, s0):
-    y, s, _ = _chunked_loop(xc, dtc, A, Bc, Cc, s0, save_states=False)
+def _chunked_core(xc, dtc, A, Bc, Cc, s0, zc):
+    y, s, _ = _chunked_loop(xc, dtc, A, Bc, Cc, s0, zc, save_states=False)
     return y, s
 
 
-def _chunked_core_fwd(xc, dtc, A, Bc, Cc, s0):
-    y, s, states = _chunked_loop(xc, dtc, A, Bc, Cc, s0, save_states=True)
-    return (y, s), (xc, dtc, A, Bc, Cc, states)
+def _chunked_core_fwd(xc, dtc, A, Bc, Cc, s0, zc):
+    y, s, states = _chunked_loop(xc, dtc, A, Bc, Cc, s0, zc, save_states=True)
+    return (y, s), (xc, dtc, A, Bc, Cc, states, zc)
 
 
-def _chunk_backward(xk, dtk, A, Bk, Ck, s, gy, gs):
+def _chunk_backward(xk, dtk, A, Bk, Ck, s, gy, gs, zk=None):
     """Gradients of one chunk given the entry state ``s``, the output cotangent ``gy`` and the
     cotangent ``gs`` of the state after the chunk."""
-    cs, Lm, CB, u, e = _chunk_terms(xk, dtk, A, Bk, Ck)
+    cs, Lm, CB, u, e, ecs, d_end = _chunk_terms(xk, dtk, A, Bk, Ck, zk)
     W = CB[:, :, None] * Lm
-    ecs = jnp.exp(cs)
     gy_e = gy * ecs[..., None]
     # Inputs: through the quadratic form and through the state handed on.
     v = jnp.einsum("bjgn,bgnrp->bjgrp", Bk, gs)  # gs·B_j
     gu = jnp.einsum("bgrij,bigrp->bjgrp", W, gy) + e[..., None] * v
     # State before the chunk: decayed through the chunk, and read by every output.
-    gs_prev = jnp.exp(cs[:, -1])[:, :, None, :, None] * gs
+    gs_prev = d_end[:, :, None, :, None] * gs
     gs_prev = gs_prev + jnp.einsum("bign,bigrp->bgnrp", Ck, gy_e)
     # C and B: through C Bᵀ in the quadratic form, the output read-out and the state update.
     gW = jnp.einsum("bigrp,bjgrp->bgrij", gy, u)
@@ -155,7 +173,7 @@ def _chunk_backward(xk, dtk, A, Bk, Ck, s, gy, gs):
     y_state = jnp.einsum("bign,bgnrp->bigrp", Ck, s)
     g_cs = g_cs + jnp.sum(gy_e * y_state, axis=-1)
     g_e = e * jnp.sum(u * v, axis=-1)
-    g_end = jnp.sum(g_e, axis=1) + jnp.exp(cs[:, -1]) * jnp.einsum("bgnrp,bgnrp->bgr", gs, s)
+    g_end = jnp.sum(g_e, axis=1) + d_end * jnp.einsum("bgnrp,bgnrp->bgr", gs, s)
     g_cs = (g_cs - g_e).at[:, -1].add(g_end)
     # cs_i = Σ_{j≤i} dt_j·A, so each step's exponent gradient is a reverse cumulative sum.
     g_a = jnp.flip(jnp.cumsum(jnp.flip(g_cs, 1), 1), 1)
@@ -166,7 +184,7 @@ def _chunk_backward(xk, dtk, A, Bk, Ck, s, gy, gs):
 
 
 def _chunked_core_bwd(residuals, cotangents):
-    xc, dtc, A, Bc, Cc, states = residuals
+    xc, dtc, A, Bc, Cc, states, zc = residuals
     gy, gs = cotangents
     nc = xc.shape[1]
     G, R = A.shape
@@ -185,6 +203,7 @@ def _chunked_core_bwd(residuals, cotangents):
             _chunk(states, k).reshape(-1, G, N, R, P),
             _split(_chunk(gy, k), G, R, P),
             gs,
+            _resets_at(zc, k),
         )
         gx_k, gdt_k, gA_k, gB_k, gC_k, gs = grads
         return (
@@ -199,7 +218,7 @@ def _chunked_core_bwd(residuals, cotangents):
     zeros = jnp.zeros_like
     init = (gs, zeros(A), zeros(xc), zeros(dtc), zeros(Bc), zeros(Cc))
     gs0, gA, gx, gdt, gB, gC = lax.fori_loop(0, nc, body, init)
-    return gx, gdt, gA, gB, gC, gs0
+    return gx, gdt, gA, gB, gC, gs0, None
 
 
 _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ssmix._checks import check_ndim
+from ssmix.kernels.scan._common import segment_starts
 
 
 def check_ssd_args(x, dt, A, B, C, initial_state=None, *, names=("x", "dt", "B", "C")):
@@ -126,3 +127,24 @@ def shift_later(y: jax.Array) -> jax.Array:
 def shift_earlier(y: jax.Array) -> jax.Array:
     """Row t takes row t + 1 along axis 1; the last row becomes zero (the flipped ``shift``)."""
     return jnp.pad(y[:, 1:], ((0, 0), (0, 1)) + ((0, 0),) * (y.ndim - 2))
+
+
+def segment_labels(segment_ids: jax.Array) -> jax.Array:
+    """``(B, L)`` int32 labels with ``z_s = z_t`` exactly when no segment boundary lies between
+    ``s`` and ``t``: the number of boundaries (id changes between neighbours) up to ``t``.
+    Boundaries do not depend on the direction, so one labelling serves both."""
+    return jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1, dtype=jnp.int32)
+
+
+def chunk_resets(labels: jax.Array, nc: int, Q: int) -> jax.Array:
+    """``(B, nc, Q)`` int32: per chunk, the number of segment starts at or before each
+    position inside the chunk, for ``labels (B, L)`` (:func:`segment_labels`, or their flip
+    for a reversed direction) padded at the end, with the last label, to ``nc·Q`` steps
+    (padding starts nothing). Inside a chunk, positions ``i ≥ j`` are connected when their
+    counts are equal, a position is reached by the state entering the chunk when its count is
+    0, and the state leaves the chunk intact when the last count is 0."""
+    pad = nc * Q - labels.shape[1]
+    if pad:
+        labels = jnp.pad(labels, ((0, 0), (0, pad)), mode="edge")
+    starts = segment_starts(labels).astype(jnp.int32)
+    return jnp.cumsum(starts.reshape(-1, nc, Q), axis=2, dtype=jnp.int32)

@@ -17,9 +17,10 @@ def _decay(A, seg, mask):
     return jnp.exp(jnp.where(mask, A[:, None, None] * seg, -jnp.inf))
 
 
-def ssd_matrix_naive(dt, A, B, C, reverse):
+def ssd_matrix_naive(dt, A, B, C, reverse, labels=None):
     """The SSD matrix ``M (B, Hh, L, L)`` from ``dt (B, L, Hh)``, ``A (Hh,)`` and
-    ``B, C (B, L, G, N)``."""
+    ``B, C (B, L, G, N)``; with segment ``labels (B, L)`` (:func:`segment_labels`) entries
+    between different segments are zero (masked before the exponential)."""
     b, L, H = dt.shape
     dth = jnp.moveaxis(dt, 1, 2)  # (B, Hh, L)
     CB = jnp.einsum("btgn,bsgn->bgts", C, B)
@@ -32,21 +33,29 @@ def ssd_matrix_naive(dt, A, B, C, reverse):
     else:
         seg = segment_sums(dth)
         mask = jnp.tril(jnp.ones((L, L), bool))
+    if labels is not None:
+        mask = mask & (labels[:, None, :, None] == labels[:, None, None, :])
     return CB * _decay(A, seg, mask) * dth[:, :, None, :]
 
 
-def initial_state_output(h0, dt, A, C, reverse):
+def initial_state_output(h0, dt, A, C, reverse, labels=None):
     """Contribution ``exp(A·Σ dt)·h0 C_t`` of an initial state to every output ``(B, L, Hh, P)``;
-    the sum runs over ``r ≤ t`` (forward) or ``r ≥ t`` (reverse)."""
+    the sum runs over ``r ≤ t`` (forward) or ``r ≥ t`` (reverse). With segment ``labels`` only
+    the first segment processed is reached."""
     H = dt.shape[2]
     cum = jnp.cumsum(jnp.flip(dt, 1), 1)[:, ::-1] if reverse else jnp.cumsum(dt, 1)
-    return jnp.einsum("bthn,bhpn->bthp", expand_groups(C, H), h0) * jnp.exp(A * cum)[..., None]
+    decay = jnp.exp(A * cum)
+    if labels is not None:
+        first = labels[:, -1:] if reverse else labels[:, :1]
+        decay = jnp.where((labels == first)[..., None], decay, 0)
+    return jnp.einsum("bthn,bhpn->bthp", expand_groups(C, H), h0) * decay[..., None]
 
 
-def ssd_naive(x, dt, A, B, C, h0, reverse):
-    """``(y (B, L, Hh, P), final state (B, Hh, P, N))`` through the materialized matrix."""
+def ssd_naive(x, dt, A, B, C, h0, reverse, labels=None):
+    """``(y (B, L, Hh, P), final state (B, Hh, P, N))`` through the materialized matrix;
+    ``labels (B, L)`` (:func:`segment_labels`) or None: packed segments."""
     H = x.shape[2]
-    M = ssd_matrix_naive(dt, A, B, C, reverse)
+    M = ssd_matrix_naive(dt, A, B, C, reverse, labels)
     y = jnp.einsum("bhts,bshp->bthp", M, x)
     # The final state is the state after the last step: a weighted sum of dt_s·x_s B_sᵀ.
     dth = jnp.moveaxis(dt, 1, 2)
@@ -56,10 +65,17 @@ def ssd_naive(x, dt, A, B, C, h0, reverse):
         to_end = jnp.flip(jnp.cumsum(jnp.flip(dth[..., 1:], -1), -1), -1)
         to_end = jnp.pad(to_end, ((0, 0), (0, 0), (0, 1)))
     w = jnp.exp(A[:, None] * to_end) * dth  # (B, Hh, L)
+    if labels is not None:
+        # Only the last segment processed reaches the final state.
+        last = labels[:, :1] if reverse else labels[:, -1:]
+        w = jnp.where((labels == last)[:, None], w, 0)
     final = jnp.einsum("bhs,bshp,bshn->bhpn", w, x, expand_groups(B, H))
     if h0 is not None:
-        y = y + initial_state_output(h0, dt, A, C, reverse)
-        final = final + jnp.exp(A * jnp.sum(dt, 1))[..., None, None] * h0
+        y = y + initial_state_output(h0, dt, A, C, reverse, labels)
+        carry = jnp.exp(A * jnp.sum(dt, 1))
+        if labels is not None:
+            carry = jnp.where((labels[:, :1] == labels[:, -1:]), carry, 0)
+        final = final + carry[..., None, None] * h0
     return y, final
 
 

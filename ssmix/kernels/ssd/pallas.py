@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ssmix._backend import pallas_interpret, pallas_variant
-from ssmix.kernels.ssd.common import pad_to_chunks
+from ssmix.kernels.ssd.common import chunk_resets, pad_to_chunks
 
 __all__ = ["ssd_pallas"]
 
@@ -86,28 +86,52 @@ def _chunk_decay(cs_col, cs_row):
     return decay, total
 
 
-def _chunk(x, dt, cs_col, cs_row, Bm, Cm, state):
-    """One chunk: ``x (Q, P)``, ``dt, cs_col (Q, 1)``, ``cs_row (1, Q)``, ``Bm, Cm (Q, N)``,
-    entering ``state (P, N)`` -> ``(y (Q, P), state after the chunk (P, N))``."""
-    u = x * dt
+def _gates(cs_col, cs_row, z=None):
+    """The chunk's decay factors: ``decay (Q, Q)`` and ``total (1, 1)`` of
+    :func:`_chunk_decay`, ``e_cs = exp(cs_i) (Q, 1)`` (entering state -> row ``i``),
+    ``to_end = exp(total − cs_j) (Q, 1)`` (row ``j`` -> state after the chunk) and
+    ``e_total = exp(total) (1, 1)``. With packed segments ``z = (z_col (Q, 1), z_row (1, Q))``,
+    the chunk's segment-start counts (:func:`~ssmix.kernels.ssd.common.chunk_resets`), every
+    factor spanning a segment start is zero (constant masks: the gradients keep their form)."""
     decay, total = _chunk_decay(cs_col, cs_row)
+    e_cs = jnp.exp(cs_col)
+    to_end = jnp.exp(total - cs_col)
+    e_total = jnp.exp(total)
+    if z is not None:
+        z_col, z_row = z
+        Q = cs_col.shape[0]
+        last = lax.broadcasted_iota(jnp.int32, (1, Q), 1) == Q - 1
+        z_last = jnp.sum(lax.select(last, z_row, jnp.zeros_like(z_row)), axis=1, keepdims=True)
+        same = jnp.broadcast_to(z_col, (Q, Q)) == jnp.broadcast_to(z_row, (Q, Q))
+        decay = lax.select(same, decay, jnp.zeros_like(decay))
+        e_cs = lax.select(z_col == 0, e_cs, jnp.zeros_like(e_cs))
+        to_end = lax.select(
+            z_col == jnp.broadcast_to(z_last, (Q, 1)), to_end, jnp.zeros_like(to_end)
+        )
+        e_total = lax.select(z_last == 0, e_total, jnp.zeros_like(e_total))
+    return decay, total, e_cs, to_end, e_total
+
+
+def _chunk(x, dt, cs_col, cs_row, Bm, Cm, state, z=None):
+    """One chunk: ``x (Q, P)``, ``dt, cs_col (Q, 1)``, ``cs_row (1, Q)``, ``Bm, Cm (Q, N)``,
+    entering ``state (P, N)`` (``z``: packed segments, :func:`_gates`) -> ``(y (Q, P), state
+    after the chunk (P, N))``."""
+    u = x * dt
+    decay, _, e_cs, to_end, e_total = _gates(cs_col, cs_row, z)
     scores = _dot(Cm, Bm, (1, 1)) * decay  # (Q, Q): C_i·B_j·exp(cs_i − cs_j), j ≤ i
-    y = _dot(scores, u, (1, 0)) + jnp.exp(cs_col) * _dot(Cm, state, (1, 1))
-    new_state = jnp.exp(total) * state + _dot(u * jnp.exp(total - cs_col), Bm, (0, 0))
+    y = _dot(scores, u, (1, 0)) + e_cs * _dot(Cm, state, (1, 1))
+    new_state = e_total * state + _dot(u * to_end, Bm, (0, 0))
     return y, new_state
 
 
-def _chunk_bwd(x, dt, cs_col, cs_row, Bm, Cm, state, dy, dstate):
+def _chunk_bwd(x, dt, cs_col, cs_row, Bm, Cm, state, dy, dstate, z=None):
     """Reverse of :func:`_chunk`: ``state`` entering the chunk, ``dy (Q, P)`` and the
     cotangent ``dstate (P, N)`` of the state after the chunk -> ``((du (Q, P), dB (Q, N),
     dC (Q, N), dcs (Q, 1)), cotangent of the entering state (P, N))`` with ``u = dt·x`` and
     ``cs`` the within-chunk cumulative log-decay."""
     Q = x.shape[0]
     u = x * dt
-    decay, total = _chunk_decay(cs_col, cs_row)
-    e_cs = jnp.exp(cs_col)  # (Q, 1): entering state -> row i
-    to_end = jnp.exp(total - cs_col)  # (Q, 1): row j -> state after the chunk
-    e_total = jnp.exp(total)  # (1, 1)
+    decay, total, e_cs, to_end, e_total = _gates(cs_col, cs_row, z)
     CB = _dot(Cm, Bm, (1, 1))  # (Q, Q)
     scores = CB * decay
     dS_B = _dot(Bm, dstate, (1, 1))  # (Q, P): dstate B_j
@@ -138,6 +162,15 @@ def _chunk_bwd(x, dt, cs_col, cs_row, Bm, Cm, state, dy, dstate):
 def _forward_body(x, dt, cs_col, cs_row, Bm, Cm, state):
     y, new_state = _chunk(x, dt, cs_col, cs_row, Bm, Cm, state)
     return (y, state), new_state
+
+
+def _forward_body_packed(x, dt, cs_col, cs_row, Bm, Cm, z_col, z_row, state):
+    y, new_state = _chunk(x, dt, cs_col, cs_row, Bm, Cm, state, (z_col, z_row))
+    return (y, state), new_state
+
+
+def _backward_body_packed(x, dt, cs_col, cs_row, Bm, Cm, z_col, z_row, state, dy, dstate):
+    return _chunk_bwd(x, dt, cs_col, cs_row, Bm, Cm, state, dy, dstate, (z_col, z_row))
 
 
 def _tpu_kernel(body, n_in, *refs):
@@ -174,8 +207,9 @@ def _launch(body, ins, outs, *, R, nc, reverse, interpret, target):
     """Run ``body`` over the chunks of every (batch, head) in one ``pallas_call``.
 
     ``ins``/``outs``: ``(array or ShapeDtypeStruct, kind)`` with kind ``"head"``
-    ``(b, Hh, nc, …)``, ``"group"`` ``(b, G, nc, …)`` (head h reads group h // R) or
-    ``"state"`` ``(b, Hh, P, N)``; the last input and output are the carry's start and end.
+    ``(b, Hh, nc, …)``, ``"group"`` ``(b, G, nc, …)`` (head h reads group h // R),
+    ``"batch"`` ``(b, 1, nc, …)`` (shared by every head) or ``"state"`` ``(b, Hh, P, N)``;
+    the last input and output are the carry's start and end.
     """
     b, H = outs[0][0].shape[:2]
     if target == "tpu":
@@ -186,6 +220,7 @@ def _launch(body, ins, outs, *, R, nc, reverse, interpret, target):
         index = {
             "head": lambda i, h, c: (i, h, chunk(c), 0, 0),
             "group": lambda i, h, c: (i, lax.div(h, np.int32(R)), chunk(c), 0, 0),
+            "batch": lambda i, h, c: (i, 0, chunk(c), 0, 0),
             "state": lambda i, h, c: (i, h, 0, 0),
         }
         kernel = functools.partial(_tpu_kernel, body, len(ins))
@@ -197,6 +232,7 @@ def _launch(body, ins, outs, *, R, nc, reverse, interpret, target):
         index = {
             "head": lambda i, h: (i, h, 0, 0, 0),
             "group": lambda i, h: (i, lax.div(h, np.int32(R)), 0, 0, 0),
+            "batch": lambda i, h: (i, 0, 0, 0, 0),
             "state": lambda i, h: (i, h, 0, 0),
         }
         kernel = functools.partial(_gpu_kernel, body, len(ins), reverse)
@@ -239,18 +275,29 @@ def _prepare(x, dt, A, B, C, chunk_size):
     )
 
 
-def _forward(x, dt, A, B, C, h0, chunk_size, interpret, target):
+def _segment_inputs(labels, nc, Q, dtype):
+    """Packed segments as kernel inputs: the chunk's segment-start counts as a column
+    ``(b, 1, nc, Q, 1)`` and a row ``(b, 1, nc, 1, Q)`` in ``dtype`` (small integers, exact),
+    shared by every head; ``[]`` without segments."""
+    if labels is None:
+        return []
+    z = chunk_resets(labels, nc, Q).astype(dtype)[:, None, :, :, None]
+    return [(z, "batch"), (jnp.swapaxes(z, -1, -2), "batch")]
+
+
+def _forward(x, dt, A, B, C, h0, chunk_size, interpret, target, labels=None):
     """``(y, final state)`` and the state entering every chunk ``(b, Hh, nc, P, N)``."""
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     Q, nc, xh, dth, csc, csr, Bg, Cg = _prepare(x, dt, A, B, C, chunk_size)
     sds = lambda *shape: jax.ShapeDtypeStruct(shape, x.dtype)  # noqa: E731
     ins = [(xh, "head"), (dth, "head"), (csc, "head"), (csr, "head")]
-    ins += [(Bg, "group"), (Cg, "group"), (h0, "state")]
+    ins += [(Bg, "group"), (Cg, "group")] + _segment_inputs(labels, nc, Q, x.dtype)
+    ins += [(h0, "state")]
     outs = [(sds(b, H, nc, Q, P), "head"), (sds(b, H, nc, P, N), "head")]
     outs += [(sds(b, H, P, N), "state")]
     y, states, final = _launch(
-        _forward_body,
+        _forward_body if labels is None else _forward_body_packed,
         ins,
         outs,
         R=H // G,
@@ -263,7 +310,7 @@ def _forward(x, dt, A, B, C, h0, chunk_size, interpret, target):
     return (y, final), states
 
 
-def _backward(x, dt, A, B, C, states, dy, dfinal, chunk_size, interpret, target):
+def _backward(x, dt, A, B, C, states, dy, dfinal, chunk_size, interpret, target, labels=None):
     """Cotangents of ``(x, dt, A, B, C, h0)``: one kernel walking the chunks in reverse with
     the state cotangent on chip, then elementwise work and sums over heads in XLA."""
     b, L, H, P = x.shape
@@ -274,12 +321,14 @@ def _backward(x, dt, A, B, C, states, dy, dfinal, chunk_size, interpret, target)
     dyh = jnp.moveaxis(dy.reshape(b, nc, Q, H, P), 3, 1)
     sds = lambda *shape: jax.ShapeDtypeStruct(shape, x.dtype)  # noqa: E731
     ins = [(xh, "head"), (dth, "head"), (csc, "head"), (csr, "head")]
-    ins += [(Bg, "group"), (Cg, "group"), (states, "head"), (dyh, "head"), (dfinal, "state")]
+    ins += [(Bg, "group"), (Cg, "group")] + _segment_inputs(labels, nc, Q, x.dtype)
+    ins += [(states, "head"), (dyh, "head"), (dfinal, "state")]
     outs = [(sds(b, H, nc, Q, P), "head"), (sds(b, H, nc, Q, N), "head")]
     outs += [(sds(b, H, nc, Q, N), "head"), (sds(b, H, nc, Q, 1), "head")]
     outs += [(sds(b, H, P, N), "state")]
+    body = _chunk_bwd if labels is None else _backward_body_packed
     du, dBh, dCh, dcs, dh0 = _launch(
-        _chunk_bwd, ins, outs, R=R, nc=nc, reverse=True, interpret=interpret, target=target
+        body, ins, outs, R=R, nc=nc, reverse=True, interpret=interpret, target=target
     )
     back = lambda v: jnp.moveaxis(v, 1, 3).reshape(b, nc * Q, H, *v.shape[4:])[:, :L]  # noqa: E731
     du = back(du)
@@ -294,28 +343,30 @@ def _backward(x, dt, A, B, C, states, dy, dfinal, chunk_size, interpret, target)
     return dx, ddt, dA, group_sum(dBh), group_sum(dCh), dh0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _ssd_fused(x, dt, A, B, C, h0, chunk_size, interpret, target):
-    return _forward(x, dt, A, B, C, h0, chunk_size, interpret, target)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ssd_fused(x, dt, A, B, C, h0, labels, chunk_size, interpret, target):
+    return _forward(x, dt, A, B, C, h0, chunk_size, interpret, target, labels)[0]
 
 
-def _ssd_fused_fwd(x, dt, A, B, C, h0, chunk_size, interpret, target):
-    out, states = _forward(x, dt, A, B, C, h0, chunk_size, interpret, target)
-    return out, (x, dt, A, B, C, states)
+def _ssd_fused_fwd(x, dt, A, B, C, h0, labels, chunk_size, interpret, target):
+    out, states = _forward(x, dt, A, B, C, h0, chunk_size, interpret, target, labels)
+    return out, (x, dt, A, B, C, states, labels)
 
 
 def _ssd_fused_bwd(chunk_size, interpret, target, saved, cotangents):
-    x, dt, A, B, C, states = saved
+    x, dt, A, B, C, states, labels = saved
     dy, dfinal = cotangents
-    return _backward(x, dt, A, B, C, states, dy, dfinal, chunk_size, interpret, target)
+    grads = _backward(x, dt, A, B, C, states, dy, dfinal, chunk_size, interpret, target, labels)
+    return (*grads, None)
 
 
 _ssd_fused.defvjp(_ssd_fused_fwd, _ssd_fused_bwd)
 
 
-def ssd_pallas(x, dt, A, B, C, h0, chunk_size, *, interpret=None, target=None):
+def ssd_pallas(x, dt, A, B, C, h0, chunk_size, labels=None, *, interpret=None, target=None):
     """Pallas SSD, forward direction: ``(y (B, L, Hh, P), final state (B, Hh, P, N))`` from
-    promoted inputs as in :func:`ssmix.kernels.ssd.ssd` (``h0`` or None).
+    promoted inputs as in :func:`ssmix.kernels.ssd.ssd` (``h0`` or None; segment ``labels
+    (B, L)`` of :func:`~ssmix.kernels.ssd.common.segment_labels` or None).
 
     ``interpret``: Pallas interpret mode (None: on a CPU default backend). ``target``:
     ``"tpu"`` or ``"gpu"`` kernel variant (None: :func:`ssmix._backend.pallas_variant`).
@@ -328,4 +379,4 @@ def ssd_pallas(x, dt, A, B, C, h0, chunk_size, *, interpret=None, target=None):
     if h0 is None:
         b, _, H, P = x.shape
         h0 = jnp.zeros((b, H, P, B.shape[3]), x.dtype)
-    return _ssd_fused(x, dt, A, B, C, h0, chunk_size, interpret, target)
+    return _ssd_fused(x, dt, A, B, C, h0, labels, chunk_size, interpret, target)

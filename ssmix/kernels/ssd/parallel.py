@@ -39,7 +39,7 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
-from ssmix.kernels.ssd.common import group_heads, pad_to_chunks, segment_sums
+from ssmix.kernels.ssd.common import chunk_resets, group_heads, pad_to_chunks, segment_sums
 
 #: Chunk counts up to this pass states by one matmul with the chunk decay matrix; longer
 #: sequences use the associative scan (the matmul costs ``nc²`` state-sized products).
@@ -59,12 +59,14 @@ def ssd_parallel(
     C,
     h0,
     chunk_size,
+    labels=None,
     *,
     qq_budget_bytes=QQ_BUDGET_BYTES,
     matmul_max_chunks=MATMUL_MAX_CHUNKS,
 ):
     """Parallel SSD, forward direction: ``(y (B, L, Hh, P), final state (B, Hh, P, N))`` from
-    promoted inputs as in :func:`ssmix.kernels.ssd.ssd` (``h0`` or None). The heads of each
+    promoted inputs as in :func:`ssmix.kernels.ssd.ssd` (``h0`` or None; segment ``labels
+    (B, L)`` of :func:`~ssmix.kernels.ssd.common.segment_labels` or None). The heads of each
     group go in blocks whose ``(…, Q, Q)`` tensors fit ``qq_budget_bytes``; up to
     ``matmul_max_chunks`` chunks pass states by the matmul, more by the associative scan."""
     b, L, H, P = x.shape
@@ -78,7 +80,8 @@ def ssd_parallel(
     Ag = group_heads(A, G)
     h0 = jnp.zeros((b, G, R, P, N), x.dtype) if h0 is None else h0.reshape(b, G, R, P, N)
     k = _head_blocks(b * nc * G * Q * Q * x.dtype.itemsize, R, qq_budget_bytes)
-    four_steps = functools.partial(_four_steps, matmul_max_chunks=matmul_max_chunks)
+    resets = None if labels is None else chunk_resets(labels, nc, Q)
+    four_steps = functools.partial(_four_steps, resets=resets, matmul_max_chunks=matmul_max_chunks)
     if k == 1:
         y, final = four_steps(xc, dtc, Ag, Bc, Cc, h0)
     else:
@@ -107,16 +110,20 @@ def _head_blocks(bytes_per_head: int, R: int, budget: int) -> int:
     return R
 
 
-def _four_steps(x, dt, A, B, C, h0, *, matmul_max_chunks):
+def _four_steps(x, dt, A, B, C, h0, *, resets=None, matmul_max_chunks):
     """The four contractions over all chunks at once.
 
     ``x (b, nc, Q, G, R, P)``, ``dt (b, nc, Q, G, R)``, ``A (G, R)``, ``B, C (b, nc, Q, G, N)``,
     ``h0 (b, G, R, P, N)`` -> ``y (b, nc, Q, G, R, P)``, final state ``(b, G, R, P, N)``.
+    ``resets (b, nc, Q)`` (:func:`chunk_resets`) or None: packed segments; every factor that
+    spans a segment start is zero (a constant mask, no ``−inf`` in any sum).
     """
     Q = x.shape[2]
     cs = jnp.cumsum(dt * A, axis=2)  # ≤ 0, non-increasing inside each chunk
     cs_t = jnp.moveaxis(cs, 2, -1)  # (b, nc, G, R, Q)
     mask = jnp.tril(jnp.ones((Q, Q), bool))
+    if resets is not None:
+        mask = mask & (resets[:, :, None, None, :, None] == resets[:, :, None, None, None, :])
     decay = jnp.exp(jnp.where(mask, cs_t[..., :, None] - cs_t[..., None, :], -jnp.inf))
     CB = jnp.einsum("bcign,bcjgn->bcgij", C, B)
     u = x * dt[..., None]
@@ -124,27 +131,39 @@ def _four_steps(x, dt, A, B, C, h0, *, matmul_max_chunks):
     y = jnp.einsum("bcgrij,bcjgrp->bcigrp", CB[:, :, :, None] * decay, u)
     # 2. Chunk states: what each chunk adds to the state, decayed to the chunk's end.
     to_end = jnp.exp(cs[:, :, -1:] - cs)
+    from_start = jnp.exp(cs)
+    cut = None
+    if resets is not None:
+        to_end = jnp.where((resets == resets[:, :, -1:])[..., None, None], to_end, 0)
+        from_start = jnp.where((resets == 0)[..., None, None], from_start, 0)
+        cut = resets[:, :, -1] > 0  # (b, nc): the chunk holds a segment start
     states = jnp.einsum("bcjgn,bcjgrp->bcgrpn", B, u * to_end[..., None])
     # 3. State passing: the state entering every chunk.
-    entering, final = _pass_states(cs[:, :, -1], states, h0, matmul_max_chunks)
+    entering, final = _pass_states(cs[:, :, -1], states, h0, matmul_max_chunks, cut)
     # 4. State to output, decayed from the chunk's start.
-    y = y + jnp.exp(cs)[..., None] * jnp.einsum("bcign,bcgrpn->bcigrp", C, entering)
+    y = y + from_start[..., None] * jnp.einsum("bcign,bcgrpn->bcigrp", C, entering)
     return y, final
 
 
-def _pass_states(total, states, h0, matmul_max_chunks):
+def _pass_states(total, states, h0, matmul_max_chunks, cut=None):
     """States entering each chunk ``(b, nc, G, R, P, N)`` and the final state.
 
     ``total (b, nc, G, R)`` is each chunk's log-decay (≤ 0), ``states (b, nc, G, R, P, N)``
-    what each chunk adds, ``h0 (b, G, R, P, N)`` the state before the first chunk.
+    what each chunk adds, ``h0 (b, G, R, P, N)`` the state before the first chunk, ``cut
+    (b, nc)`` (or None) marks chunks holding a segment start: their decay is zero.
     """
     nc = total.shape[1]
     if nc <= matmul_max_chunks:
         # Mamba-2's form: the initial state is chunk −1 with log-decay 0; entry [z, c] of the
         # exact segment-sum matrix carries chunk c's state to the end of chunk z − 1.
         logd = jnp.moveaxis(jnp.pad(total, ((0, 0), (1, 0), (0, 0), (0, 0))), 1, -1)
-        seg = segment_sums(logd)  # (b, G, R, nc + 1, nc + 1)
         mask = jnp.tril(jnp.ones((nc + 1, nc + 1), bool))
+        if cut is not None:
+            # Entry [z, c] spans chunks c+1 … z: live when none of them is cut (equal counts).
+            logd = jnp.where(jnp.pad(cut, ((0, 0), (1, 0)))[:, None, None], 0, logd)
+            cuts = jnp.cumsum(jnp.pad(cut, ((0, 0), (1, 0))).astype(jnp.int32), axis=1)
+            mask = mask & (cuts[:, None, None, :, None] == cuts[:, None, None, None, :])
+        seg = segment_sums(logd)  # (b, G, R, nc + 1, nc + 1)
         carry = jnp.exp(jnp.where(mask, seg, -jnp.inf))
         all_states = jnp.concatenate([h0[:, None], states], axis=1)
         out = jnp.einsum("bgrzc,bcgrpn->bzgrpn", carry, all_states)
@@ -156,6 +175,8 @@ def _pass_states(total, states, h0, matmul_max_chunks):
         return a1 * a2, a2[..., None, None] * s1 + s2
 
     decay = jnp.exp(total)
+    if cut is not None:
+        decay = jnp.where(cut[..., None, None], 0, decay)
     # Fold the initial state into the first chunk so the inclusive scan yields the state
     # after each chunk.
     states = states.at[:, 0].add(decay[:, 0, ..., None, None] * h0)

@@ -12,23 +12,33 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ssmix.kernels.scan._common import segment_starts
 from ssmix.kernels.ssd.common import group_heads
 
 _REMAT_MIN_LENGTH = 256
 
 
-def ssd_sequential(x, dt, A, B, C, h0, reverse):
-    """``(y (B, L, Hh, P), final state (B, Hh, P, N))``; promoted inputs, ``h0`` or None."""
+def ssd_sequential(x, dt, A, B, C, h0, reverse, labels=None):
+    """``(y (B, L, Hh, P), final state (B, Hh, P, N))``; promoted inputs, ``h0`` or None;
+    segment ``labels (B, L)`` (:func:`~ssmix.kernels.ssd.common.segment_labels`) or None:
+    the decay is zero where a segment starts in the direction of the scan."""
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G
     tm = lambda v: jnp.moveaxis(v, 1, 0)  # noqa: E731  time-major for lax.scan
     xs = (tm(x.reshape(b, L, G, R, P)), tm(group_heads(dt, G)), tm(B), tm(C))
+    if labels is not None:
+        # The decay is zero where a segment starts (the padding of long sequences below gets
+        # False: padded steps reset nothing).
+        xs += (tm(segment_starts(labels, reverse)),)
     Ag = group_heads(A, G)
 
     def step(h, inp):
-        x_t, dt_t, B_t, C_t = inp  # (b, G, R, P), (b, G, R), (b, G, N), (b, G, N)
-        decay = jnp.exp(dt_t * Ag)[..., None, None]
+        x_t, dt_t, B_t, C_t, *start = inp  # (b, G, R, P), (b, G, R), (b, G, N) ×2, [(b,)]
+        decay = jnp.exp(dt_t * Ag)
+        if start:
+            decay = jnp.where(start[0][:, None, None], 0, decay)
+        decay = decay[..., None, None]
         h = decay * h + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, None, :]
         return h, jnp.einsum("bgrpn,bgn->bgrp", h, C_t)
 
