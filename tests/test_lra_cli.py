@@ -153,6 +153,9 @@ def test_resume_run_dir_extends_and_finished_run_is_unchanged(
     assert lra_train.main(["--resume", str(run)]) == 0
     assert "already finished at step 4" in capsys.readouterr().err
     assert lra_train.read_metrics(run / "metrics.jsonl") == rows
+    assert lra_train.main(ARGS + _sets(values) + ["--resume"]) == 0  # the flags' form
+    assert "already finished at step 4" in capsys.readouterr().err
+    assert lra_train.read_metrics(run / "metrics.jsonl") == rows
     # A larger max_steps extends it; the schedule keeps its length (4 updates).
     assert lra_train.main(["--resume", str(run), "--set", "max_steps=6"]) == 0
     assert f"resumed {run} at step 4 of 6" in capsys.readouterr().err
@@ -293,9 +296,10 @@ def test_grad_accum_equals_the_large_batch_and_bfloat16_steps(data_dir, tmp_path
     bf16 = make_config("listops", "s4d", "demo", {**common, "precision": "bfloat16"})
     exp = lra_train.Experiment(bf16, data)
     compute = exp._compute_params(exp.state["params"])
-    blocks = compute["blocks"][0]["mixer"]  # the toy mixer: log_scale is an SSMParam
-    assert blocks["log_scale"].dtype == np.float32
-    assert blocks["proj"]["kernel"].dtype == compute["encoder"]["embedding"].dtype == "bfloat16"
+    mixer, block = compute["blocks"][0]["mixer"], compute["blocks"][0]
+    assert mixer["log_scale"].dtype == mixer["proj"]["kernel"].dtype == np.float32
+    assert block["out"]["kernel"].dtype == compute["encoder"]["embedding"].dtype == "bfloat16"
+    assert compute["head"]["kernel"].dtype == "bfloat16"
     exp.train_step(0)
     window = exp.take_window()
     assert np.isfinite(window["loss"])

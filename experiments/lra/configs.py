@@ -137,8 +137,9 @@ class Config:
     grad_clip: float = 0.0  # 0: no clipping
     max_nonfinite_steps: int = 10  # consecutive non-finite steps before a run stops
     # Precision and accumulation (experiments.lra.train.Experiment): "bfloat16" runs the
-    # ordinary (non-SSM) parameters' matmuls in bfloat16; master parameters, optimiser state
-    # and the loss stay float32. grad_accum > 1 averages the gradients of that many
+    # model around the mixers (embedding, norms, projections, MLP, head) in bfloat16 and
+    # feeds the mixers bfloat16 activations; master parameters, optimiser state and the loss
+    # stay float32. grad_accum > 1 averages the gradients of that many
     # consecutive batches per optimiser update (optax.MultiSteps; effective batch
     # batch_size × grad_accum; a step is one batch, the schedule counts updates).
     precision: str = "float32"

@@ -11,13 +11,15 @@
   the state replicated; XLA inserts the gradient all-reduce and computes BatchNorm statistics
   over the global batch. With ``--distributed`` (``jax.distributed.initialize()``, e.g. under
   SLURM) each process feeds its slice of the global batch.
-- Precision and accumulation: ``precision="bfloat16"`` runs the forward and backward pass of
-  the ordinary parameters (embedding / encoder, projections, GLU, MLP, norms' scales, head,
-  and the real-valued layer parameters that are not SSM parameters) in bfloat16: each step
-  casts those float32 master parameters to bfloat16 before the forward pass. The SSM
-  parameters (``ssmix.layers.base.SSMParam``: Λ, B, Δ, ... complex or not) and
-  everything the layers compute from them stay float32, as do the master parameters, the
-  optimiser state, BatchNorm statistics, the logits' softmax and the loss.
+- Precision and accumulation: ``precision="bfloat16"`` runs the model around the mixers in
+  bfloat16: each step casts the float32 master parameters of the embedding / encoder, the
+  norms, the output projections / GLU, the MLPs and the head to bfloat16 before the forward
+  pass (gradients flow back to the float32 masters), so the activations between blocks are
+  bfloat16. The mixer layers keep their float32 parameters (SSM parameters, complex ones
+  stored as real pairs, and their own dense weights) and receive bfloat16 activations:
+  what they compute in bfloat16 is the layer's own precision policy (``ssmix.layers``; the
+  S4 family runs its recurrence in float32 whatever the input). Master parameters, the
+  optimiser state, BatchNorm statistics, the softmax and the loss stay float32.
   ``grad_accum = k`` averages the gradients of ``k`` consecutive batches before one optimiser
   update (``optax.MultiSteps``): a step is one batch of ``batch_size``, the effective batch is
   ``batch_size × k``, and the learning-rate schedule (warmup, ``schedule_steps``) counts
@@ -241,6 +243,11 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / RUN_MARKER).is_file()
 
 
+def _in_mixer(path) -> bool:
+    """Whether a parameter path lies inside a block's mixer layer (an attribute ``mixer``)."""
+    return any(getattr(k, "key", getattr(k, "name", None)) == "mixer" for k in path)
+
+
 def _zero_window() -> dict[str, jax.Array]:
     # Separate buffers per entry: the train step donates the state, and one buffer may not
     # be donated twice.
@@ -305,9 +312,12 @@ class Experiment:
             )  # fmt: skip
         model.train()
         self.graph_train, params, rest = nnx.split(model, nnx.Param, ...)
-        # Parameters cast to the compute dtype in each step: real floating non-SSM ones.
-        self._cast = jax.tree.map(
-            lambda v: not isinstance(v, SSMParam) and jnp.issubdtype(v.dtype, jnp.floating),
+        # Parameters cast to the compute dtype in each step: the model's own floating ones,
+        # outside the mixer layers (those keep their float32 parameters, complex ones stored
+        # as real pairs included, and follow their input's dtype).
+        self._cast = jax.tree_util.tree_map_with_path(
+            lambda path, v: not _in_mixer(path) and not isinstance(v, SSMParam)
+            and jnp.issubdtype(v.dtype, jnp.floating),
             params, is_leaf=lambda v: isinstance(v, nnx.Variable),
         )  # fmt: skip
         model.eval()
@@ -353,8 +363,8 @@ class Experiment:
 
     def _compute_params(self, params):
         """``params`` as the forward pass uses them: with ``precision="bfloat16"`` the
-        floating non-SSM parameters cast to bfloat16 (a differentiable cast: the gradients
-        reach the float32 masters)."""
+        floating parameters outside the mixer layers cast to bfloat16 (a differentiable
+        cast: the gradients reach the float32 masters)."""
         if self.compute_dtype == jnp.float32:
             return params
         return jax.tree.map(
@@ -1254,7 +1264,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
         help="continue a run: RUN_DIR reads its own config.json (--set may change only "
-        + ", ".join(RESUMABLE_FIELDS) + "); without RUN_DIR, the run of --task/--model/--set",
+        + ", ".join(RESUMABLE_FIELDS)
+        + "; a larger max_steps / epochs extends the run, its learning-rate schedule keeping "
+        "its original length unless schedule_steps is set); without RUN_DIR, the run of "
+        "--task/--model/--set",
     )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run")
     parser.add_argument(
