@@ -29,7 +29,7 @@ from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_positive_int
 from ssmix.kernels.ssd import METHODS, auto_method, quasiseparable, quasiseparable_matrix
 from ssmix.layers.base import SSMParam
-from ssmix.layers.mixers import GatedConvWrapper, dt_bias_init, zero_padding
+from ssmix.layers.mixers import GatedConvWrapper, _linear, dt_bias_init, zero_padding
 
 __all__ = ["Hydra", "auto_mode"]
 
@@ -70,6 +70,10 @@ class Hydra(GatedConvWrapper):
         ``[dt_min, dt_max]``, at least ``dt_init_floor``.
       use_bias: biases in ``in_proj`` and ``out_proj``.
       conv_bias: bias in the convolution.
+      dtype: dtype of the projections (``in_proj``, ``fc_D``, ``out_proj``), the
+        convolution, the activations and the gate (None: the input's). The quasiseparable
+        mixer runs in ``promote(dtype, float32)``; the output has the input's dtype
+        (precision policy of :mod:`ssmix.layers.base`).
       rngs: ``nnx.Rngs``.
 
     Parameters of note: ``A_log`` and ``dt_bias`` are :class:`~ssmix.layers.base.SSMParam`
@@ -96,6 +100,7 @@ class Hydra(GatedConvWrapper):
         dt_init_floor: float = 1e-4,
         use_bias: bool = False,
         conv_bias: bool = True,
+        dtype=None,
         rngs,
     ):
         check_positive_int("d_model", d_model)
@@ -121,6 +126,7 @@ class Hydra(GatedConvWrapper):
             d_conv=d_conv,
             use_bias=use_bias,
             conv_bias=conv_bias,
+            dtype=dtype,
             rngs=rngs,
         )
         self.dt_bias = SSMParam(dt_bias_init(rngs.params(), H, dt_min, dt_max, dt_init_floor))
@@ -130,18 +136,22 @@ class Hydra(GatedConvWrapper):
         self.init_states = nnx.Param(jnp.zeros((H, headdim, N))) if learnable_init_states else None
 
     def _mixer_inputs(self, x, mask):
-        """Gate ``z`` and the arguments of :func:`quasiseparable` (without keywords)."""
+        """Gate ``z`` (activation dtype) and the arguments of :func:`quasiseparable`
+        (without keywords, in :meth:`core_dtype`)."""
         b, L = x.shape[:2]
         H, P, G, N, di = self.nheads, self.headdim, self.ngroups, self.d_state, self.d_inner
+        core = self.core_dtype(x)
         z, c, dt = self.project(x, mask)
         c = jax.nn.silu(c)
+        diag = (self.D[...] + _linear(self.fc_D, c[..., :di])).astype(core)
+        c = c.astype(core)
         xs = c[..., :di]
         B_fw, C_fw, B_bw, C_bw = (
             c[..., di + i * G * N : di + (i + 1) * G * N].reshape(b, L, G, N) for i in range(4)
         )
-        dt = zero_padding(jax.nn.softplus(dt + jnp.tile(self.dt_bias[...], 2)), mask)
-        diag = self.D[...] + self.fc_D(xs)
-        A = -jnp.exp(self.A_log[...])
+        dt = dt.astype(core) + jnp.tile(self.dt_bias[...], 2).astype(core)
+        dt = zero_padding(jax.nn.softplus(dt), mask)
+        A = -jnp.exp(self.A_log[...]).astype(core)
         args = (xs.reshape(b, L, H, P), dt[..., :H], dt[..., H:], A, B_fw, C_fw, B_bw, C_bw, diag)
         return z, args
 
@@ -150,13 +160,14 @@ class Hydra(GatedConvWrapper):
         z, args = self._mixer_inputs(x, mask)
         init = None
         if self.init_states is not None:
-            h = jnp.broadcast_to(self.init_states[...], (x.shape[0], *self.init_states.shape))
+            h0 = self.init_states[...].astype(self.core_dtype(x))
+            h = jnp.broadcast_to(h0, (x.shape[0], *self.init_states.shape))
             init = (h, h)
         # Checked at call time too: a mode assigned after construction must fail clearly.
         check_choice("mode", self.mode, METHODS)
         mode = auto_mode(x.shape[1]) if self.mode == "auto" else self.mode
         y = quasiseparable(*args, chunk_size=self.chunk_size, initial_states=init, method=mode)
-        return self.output(y.reshape(*x.shape[:2], self.d_inner), z)
+        return self.output(y.reshape(*x.shape[:2], self.d_inner), z, x.dtype)
 
     def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """The data-dependent quasiseparable matrices ``M (B, Hh, L, L)``.

@@ -42,6 +42,11 @@ before ``in_proj`` (``jnp.where``, so a NaN or inf stored there reaches no valid
 parameter gradient); the convolution reads zeros at padded positions and writes zeros there, so
 ``v`` and the features vanish on padding; attention masks padded keys; the SSD kinds get ``dt =
 0`` on padding. Valid outputs therefore equal those of each sequence run alone.
+
+Precision (the policy of :mod:`ssmix.layers.base`): ``dtype`` (None = the input's) is the
+dtype of ``in_proj``, the convolution, the activations, the gate and ``out_proj``; the
+mixing matrix and its product (and the SSD kernels) run in ``promote(dtype, float32)``, the
+norm's statistics in at least float32; the output has the input's dtype.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from ssmix.kernels.attention import softmax_attention
 from ssmix.kernels.fftconv import fft_conv_bidirectional
 from ssmix.kernels.ssd import METHODS as SSD_METHODS
 from ssmix.kernels.ssd import quasiseparable, quasiseparable_matrix, ssd, ssd_matrix
-from ssmix.layers.base import SSMParam
+from ssmix.layers.base import SSMParam, activation_dtype, check_dtype, ssm_dtype
 
 __all__ = ["ShortConv", "GatedRMSNorm", "MatrixMixer", "KINDS", "DATA_INDEPENDENT_ONLY"]
 
@@ -172,15 +177,20 @@ def _depthwise_conv_bwd(per_batch, residuals, g):
     # dx[s] = Σ_i w[i]·g[s − i + left]: the forward sum with reversed taps.
     gx = _over_batch(lambda gb: _shifted_sum(gb, jnp.flip(w, 0), K - 1 - left), g, per_batch)
 
+    # Tap gradients are sums over B·L products: accumulated in at least float32.
+    acc = jnp.promote_types(w.dtype, jnp.float32)
+
     def tap_grads(gb, xb):
-        return jnp.stack([jnp.sum(gb * _shift(xb, i - left), axis=(0, 1)) for i in range(K)])
+        return jnp.stack(
+            [jnp.sum(gb * _shift(xb, i - left), axis=(0, 1), dtype=acc) for i in range(K)]
+        )
 
     if per_batch:
-        body = lambda b, acc: acc + tap_grads(g[b][None], x[b][None])  # noqa: E731
-        gw = lax.fori_loop(0, x.shape[0], body, jnp.zeros_like(w))
+        body = lambda b, total: total + tap_grads(g[b][None], x[b][None])  # noqa: E731
+        gw = lax.fori_loop(0, x.shape[0], body, jnp.zeros(w.shape, acc))
     else:
         gw = tap_grads(g, x)
-    return gx, gw
+    return gx, gw.astype(w.dtype)
 
 
 _depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
@@ -204,12 +214,23 @@ class ShortConv(nnx.Module):
       channels: ``C``.
       kernel_size: ``K`` taps (default 7).
       use_bias: add a per-channel bias.
+      dtype: computation dtype (None: the input's); the weights are cast to it and the
+        output has the input's dtype.
       rngs: initialisation (uniform in ``±1/√K``, PyTorch's default for this layer).
     """
 
-    def __init__(self, channels: int, kernel_size: int = 7, *, use_bias: bool = True, rngs):
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 7,
+        *,
+        use_bias: bool = True,
+        dtype=None,
+        rngs,
+    ):
         self.channels = check_positive_int("channels", channels)
         self.kernel_size = check_positive_int("kernel_size", kernel_size)
+        self.dtype = check_dtype(dtype)
         bound = 1.0 / math.sqrt(kernel_size)
         init = lambda shape: jax.random.uniform(rngs.params(), shape, minval=-bound, maxval=bound)  # noqa: E731
         self.weight = nnx.Param(init((kernel_size, channels)))
@@ -218,26 +239,44 @@ class ShortConv(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """``x (B, L, C)``, ``mask (B, L)`` bool or None -> ``(B, L, C)``."""
         check_ndim("x", x, 3, f"(B, L, C={self.channels})")
+        _check_floating("x", x)
         if x.shape[-1] != self.channels:
             raise ValueError(f"x must have {self.channels} channels; got {x.shape}")
-        y = depthwise_conv_same(zero_padding(x, mask), self.weight[...].astype(x.dtype))
+        cd = activation_dtype(x.dtype, self.dtype)
+        y = depthwise_conv_same(zero_padding(x, mask).astype(cd), self.weight[...].astype(cd))
         if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
-        return zero_padding(y, mask)
+            y = y + self.bias[...].astype(cd)
+        return zero_padding(y, mask).astype(x.dtype)
+
+
+def _check_floating(name: str, x: jax.Array) -> None:
+    """``TypeError`` for a non-floating array (an integer result would be truncated)."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array (float32, float64, bfloat16, ...); got "
+            f"{x.dtype}: cast it, e.g. {name}.astype(jnp.float32)"
+        )
 
 
 class GatedRMSNorm(nnx.Module):
-    """``rmsnorm(y)·weight·silu(z)`` over the last axis (normalise, then gate), in float32.
+    """``rmsnorm(y)·weight·silu(z)`` over the last axis (normalise, then gate).
+
+    The statistics and ``rmsnorm(y)·weight`` are computed in ``promote(dtype, float32)``
+    (a mean square in bfloat16 would lose the small channels), the gate ``·silu(z)`` in
+    ``dtype``.
 
     Args:
       features: size of the last axis of ``y`` and ``z``.
       eps: added to the mean square.
+      dtype: computation dtype of the gate (None: the dtype of ``y``); the output has the
+        dtype of ``y``.
       rngs: unused (the weight starts at one); accepted for a uniform constructor.
     """
 
-    def __init__(self, features: int, *, eps: float = 1e-5, rngs=None):
+    def __init__(self, features: int, *, eps: float = 1e-5, dtype=None, rngs=None):
         self.features = check_positive_int("features", features)
         self.eps = float(eps)
+        self.dtype = check_dtype(dtype)
         self.weight = nnx.Param(jnp.ones((features,)))
 
     def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
@@ -247,10 +286,13 @@ class GatedRMSNorm(nnx.Module):
                 f"y and z must have the same shape ending in {self.features}; "
                 f"got {y.shape} and {z.shape}"
             )
-        y32 = y.astype(jnp.promote_types(y.dtype, jnp.float32))
+        _check_floating("y", y)
+        _check_floating("z", z)
+        cd = activation_dtype(y.dtype, self.dtype)
+        y32 = y.astype(ssm_dtype(cd))
         rms = jax.lax.rsqrt(jnp.mean(y32 * y32, axis=-1, keepdims=True) + self.eps)
-        out = y32 * rms * self.weight[...] * jax.nn.silu(z.astype(y32.dtype))
-        return out.astype(y.dtype)
+        normed = (y32 * rms * self.weight[...].astype(y32.dtype)).astype(cd)
+        return (normed * jax.nn.silu(z.astype(cd))).astype(y.dtype)
 
 
 def _linear(layer: nnx.Linear, x: jax.Array, start: int = 0, stop: int | None = None):
@@ -267,7 +309,9 @@ class GatedConvWrapper(nnx.Module):
 
     ``in_proj`` maps ``d_model`` to ``[z (d_inner) | conv part (conv_dim) | extra (extra_dim)]``;
     only the conv part goes through the convolution. Subclasses implement the mixer between
-    :meth:`project` and :meth:`output`.
+    :meth:`project` and :meth:`output`, in :meth:`core_dtype` (precision policy of
+    :mod:`ssmix.layers.base`: ``dtype`` for the projections, convolution and gate, float32
+    or wider for the mixer).
     """
 
     def __init__(
@@ -280,16 +324,18 @@ class GatedConvWrapper(nnx.Module):
         d_conv: int,
         use_bias: bool,
         conv_bias: bool,
+        dtype=None,
         rngs,
     ):
         self.d_model = check_positive_int("d_model", d_model)
+        self.dtype = check_dtype(dtype)
         self.d_inner = d_inner
         self.conv_dim = conv_dim
         self.extra_dim = extra_dim
         total = d_inner + conv_dim + extra_dim
         self.in_proj = nnx.Linear(d_model, total, use_bias=use_bias, rngs=rngs)
-        self.conv = ShortConv(conv_dim, d_conv, use_bias=conv_bias, rngs=rngs)
-        self.norm = GatedRMSNorm(d_inner)
+        self.conv = ShortConv(conv_dim, d_conv, use_bias=conv_bias, dtype=dtype, rngs=rngs)
+        self.norm = GatedRMSNorm(d_inner, dtype=dtype)
         self.out_proj = nnx.Linear(d_inner, d_model, use_bias=use_bias, rngs=rngs)
 
     def project(
@@ -297,14 +343,14 @@ class GatedConvWrapper(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``x (B, L, d_model)`` -> ``z (B, L, d_inner)``, the convolved part ``(B, L,
         conv_dim)`` (before any activation; zero at padded positions) and the extra part
-        ``(B, L, extra_dim)``.
+        ``(B, L, extra_dim)``, all in the activation dtype (``dtype``, or the input's).
 
         Padded positions of ``x`` are replaced by zeros first (``jnp.where``): a NaN or inf
         stored there must reach neither a valid output nor a parameter gradient (``in_proj``'s
         weight gradient sums ``x_t ⊗ cotangent_t`` over every position, and ``0 · NaN`` is
         NaN)."""
         check_input(x, self.d_model, mask)
-        x = zero_padding(x, mask)
+        x = zero_padding(x, mask).astype(activation_dtype(x.dtype, self.dtype))
         # One matmul per part with a column block of in_proj's weight, over flattened leading
         # axes: slicing one (B, L, total) product would make every part's gradient a padded
         # full-width copy, and its weight gradient a transpose of that copy.
@@ -313,9 +359,15 @@ class GatedConvWrapper(nnx.Module):
         z, c, e = parts
         return z, self.conv(c, mask), e
 
-    def output(self, y: jax.Array, z: jax.Array) -> jax.Array:
-        """Mixer output ``y (B, L, d_inner)`` and gate ``z`` -> ``(B, L, d_model)``."""
-        return _linear(self.out_proj, self.norm(y, z))
+    def core_dtype(self, x: jax.Array) -> jnp.dtype:
+        """The dtype the mixer runs in for input ``x``: ``promote(dtype, float32)``."""
+        return ssm_dtype(activation_dtype(x.dtype, self.dtype))
+
+    def output(self, y: jax.Array, z: jax.Array, out_dtype) -> jax.Array:
+        """Mixer output ``y (B, L, d_inner)`` (any float dtype) and gate ``z`` (activation
+        dtype) -> ``(B, L, d_model)`` in ``out_dtype`` (the layer's input dtype)."""
+        y = self.norm(y.astype(z.dtype), z)
+        return _linear(self.out_proj, y).astype(out_dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -501,6 +553,9 @@ class MatrixMixer(GatedConvWrapper):
         tiled fast form, on every backend; None (default): :func:`auto_block_size`, the
         backend rule above. Other kinds accept only None.
       use_bias, conv_bias: biases of the projections and of the convolution.
+      dtype: dtype of the projections, convolution, activations and gate (None: the
+        input's); the mixing matrix and its product run in ``promote(dtype, float32)`` and
+        the output has the input's dtype (precision policy of :mod:`ssmix.layers.base`).
       rngs: ``nnx.Rngs``.
     """
 
@@ -523,6 +578,7 @@ class MatrixMixer(GatedConvWrapper):
         block_size: int | None = None,
         use_bias: bool = False,
         conv_bias: bool = True,
+        dtype=None,
         rngs,
     ):
         check_choice("kind", kind, KINDS)
@@ -574,6 +630,7 @@ class MatrixMixer(GatedConvWrapper):
             d_conv=d_conv,
             use_bias=use_bias,
             conv_bias=conv_bias,
+            dtype=dtype,
             rngs=rngs,
         )
         self.D = nnx.Param(jnp.ones((H,)))
@@ -606,15 +663,17 @@ class MatrixMixer(GatedConvWrapper):
         check_choice("ssd_method", self.ssd_method, SSD_METHODS)
 
     def _features(self, x, mask):
-        """Gate ``z``, values ``v (B, L, Hh, P)`` and the kind's matrix inputs."""
+        """Gate ``z`` (activation dtype), values ``v (B, L, Hh, P)`` and the kind's matrix
+        inputs (in :meth:`core_dtype`)."""
         self._check_config()
         b, L = x.shape[:2]
         if L > self.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len = {self.max_len}")
         z, c, e = self.project(x, mask)
+        core = self.core_dtype(x)
         H, d, di = self.nheads, self.qk_dim, self.d_inner
-        v = jax.nn.silu(c[..., :di]).reshape(b, L, H, self.headdim)
-        f = c[..., di:]
+        v = jax.nn.silu(c[..., :di]).astype(core).reshape(b, L, H, self.headdim)
+        f, e = c[..., di:].astype(core), e.astype(core)
         kind = self.kind
         feats = {}
         if kind in ("low_rank", "toeplitz", "semiseparable", "quasiseparable"):
@@ -649,11 +708,11 @@ class MatrixMixer(GatedConvWrapper):
             feats["k"] = jnp.exp(feats["k"]) + bias
         if kind in ("semiseparable", "quasiseparable"):
             n_dt = 1 if kind == "semiseparable" else 2
-            raw = e if self.data_dependent else jnp.zeros((b, L, n_dt * H), x.dtype)
+            raw = e if self.data_dependent else jnp.zeros((b, L, n_dt * H), core)
             dt = jax.nn.softplus(raw + jnp.tile(self.dt_bias[...], n_dt))
             feats["dt"] = zero_padding(dt, mask)
             feats["A"] = -jnp.exp(self.A_log[...])
-        return z, v, feats
+        return z, v, {key: a.astype(core) for key, a in feats.items()}
 
     def _matrix(self, feats, mask, b, L):
         """The kind's matrix ``(B or 1, Hh, L, L)``, without the skip ``D``."""
@@ -759,12 +818,12 @@ class MatrixMixer(GatedConvWrapper):
         if self.mode == "materialized":
             y = jnp.einsum("bhts,bshp->bthp", self._full_matrix(feats, mask, b, L), v)
         else:
-            y = self._mix_fast(v, feats, mask) + self.D[...][:, None] * v
-        return self.output(y.reshape(b, L, self.d_inner), z)
+            y = self._mix_fast(v, feats, mask) + self.D[...].astype(v.dtype)[:, None] * v
+        return self.output(y.reshape(b, L, self.d_inner), z, x.dtype)
 
     def _full_matrix(self, feats, mask, b, L):
         M = self._matrix(feats, mask, b, L)
-        skip = jnp.eye(L, dtype=M.dtype) * self.D[...][:, None, None]
+        skip = jnp.eye(L, dtype=M.dtype) * self.D[...].astype(M.dtype)[:, None, None]
         return jnp.broadcast_to(M + skip, (b, self.nheads, L, L))
 
     def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:

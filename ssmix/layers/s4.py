@@ -67,7 +67,17 @@ from ssmix.kernels.vandermonde import (
     chunked_state_forward,
     chunked_state_output,
 )
-from ssmix.layers.base import SSMParam, as_complex, check_step_input, complex_param, mask_ends
+from ssmix.layers.base import (
+    SSMParam,
+    activation_dtype,
+    as_complex,
+    check_dtype,
+    check_param_dtype,
+    check_step_input,
+    complex_param,
+    mask_ends,
+    ssm_dtype,
+)
 
 __all__ = ["MODES", "LTISSM", "S4", "S4_INITS", "S4_KERNELS", "auto_kernel", "auto_mode"]
 
@@ -198,8 +208,11 @@ class LTISSM(nnx.Module):
         rngs: nnx.Rngs,
         drop_kernel: float = 0.0,
         n_ssm: int | None = None,
+        dtype: Any = None,
     ):
         check_positive_int("d_model", d_model)
+        param_dtype = check_param_dtype(param_dtype, type(self).__name__)
+        dtype = check_dtype(dtype)
         if n_ssm is None:
             n_ssm = d_model
         check_positive_int("n_ssm", n_ssm)
@@ -224,7 +237,8 @@ class LTISSM(nnx.Module):
         self.mode = mode
         self.chunk_size = chunk_size
         self.d_output = channels * d_model
-        self.param_dtype = jnp.dtype(param_dtype)
+        self.param_dtype = param_dtype
+        self.dtype = dtype
         self.drop_kernel = float(drop_kernel)
         # Dropout on the kernel's taps (the S4 code's drop_kernel); active after .train().
         self.kernel_dropout = nnx.Dropout(self.drop_kernel)
@@ -281,7 +295,10 @@ class LTISSM(nnx.Module):
     # ----------------------------------------------------------------------------------------
 
     def _dtype(self, x):
-        return jnp.promote_types(jnp.promote_types(x.dtype, self.param_dtype), jnp.float32)
+        """``(activation dtype, SSM core dtype)`` for input ``x`` (precision policy in
+        :mod:`ssmix.layers.base`)."""
+        act = activation_dtype(x.dtype, self.dtype)
+        return act, ssm_dtype(act, self.param_dtype)
 
     def _output_rows(self, dtype):
         C = as_complex(self.C).astype(jnp.promote_types(dtype, jnp.complex64))
@@ -364,8 +381,8 @@ class LTISSM(nnx.Module):
             )
         if state is not None:
             self._check_state(state, Bsz)
-        dtype = self._dtype(x)
-        u = x.astype(dtype)
+        act, dtype = self._dtype(x)
+        u = x.astype(act).astype(dtype)
         if mask is not None:
             u = jnp.where(mask[..., None], u, 0)
         mode = auto_mode(L, self._AUTO_LAYER) if self.mode == "auto" else self.mode
@@ -474,8 +491,8 @@ class LTISSM(nnx.Module):
             raise ValueError("a bidirectional layer cannot be stepped: it reads the future")
         check_step_input(x_t, self.d_model)
         self._check_state(state, x_t.shape[0])
-        dtype = self._dtype(x_t)
-        u = x_t.astype(dtype)
+        act, dtype = self._dtype(x_t)
+        u = x_t.astype(act).astype(dtype)
         sys = self._system(dtype)
         C_f, _ = self._output_rows(dtype)
         state = self._step_state(sys, state.astype(C_f.dtype), u)
@@ -526,7 +543,12 @@ class S4(LTISSM):
         ``rngs`` to the call), 0 = off.
       n_ssm: number of SSMs (``Λ``, ``P``, ``B``) shared by the features, dividing ``H``;
         feature ``h`` uses SSM ``h mod n_ssm``. None (default): ``H``, one per feature.
-      param_dtype: dtype of the real parameter arrays.
+      param_dtype: storage dtype of the parameters, float32 or float64 (they are complex:
+        bfloat16 / float16 raise a ``ValueError``; use ``dtype`` for bfloat16 activations).
+      dtype: dtype the input is read in (None: the input's own). The SSM itself (kernel,
+        convolution, recurrence) runs in ``promote(dtype, param_dtype, float32)``: float32
+        for bfloat16 inputs. The output has the input's dtype (see the precision policy of
+        :mod:`ssmix.layers.base`).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
 
@@ -550,6 +572,7 @@ class S4(LTISSM):
         drop_kernel: float = 0.0,
         n_ssm: int | None = None,
         param_dtype: Any = jnp.float32,
+        dtype: Any = None,
         rngs: nnx.Rngs,
     ):
         check_choice("init", init, S4_INITS)
@@ -566,6 +589,7 @@ class S4(LTISSM):
             rngs=rngs,
             drop_kernel=drop_kernel,
             n_ssm=n_ssm,
+            dtype=dtype,
         )
         if rank is None:
             rank = 2 if init == "legt" else 1

@@ -59,6 +59,15 @@ def _ptd(d_state: int, n: int, key: jax.Array):
     return np.broadcast_to(res.Lambda, shape), np.broadcast_to(B, shape)
 
 
+def _all_finite(a) -> bool:
+    """Whether every entry of ``a`` is finite; True for a traced value, which has no entries
+    to look at (the layer can then be built inside ``jit`` / ``eval_shape``, e.g. by
+    ``nnx.bridge.to_linen``). The packaged initialisations return NumPy arrays."""
+    if isinstance(a, jax.core.Tracer):
+        return True
+    return bool(np.all(np.isfinite(np.asarray(a))))
+
+
 #: S4D initialisations: name -> ``(d_state, n_ssm, key) -> (A (n_ssm, N/2), B (n_ssm, N/2))``.
 S4D_INITS: dict[str, Callable] = {
     kind: _hippo_diag(kind) for kind in ("lin", "inv", "legs", "real", "random")
@@ -92,7 +101,12 @@ class S4D(LTISSM):
         ``rngs`` to the call), 0 = off.
       n_ssm: number of SSMs (``A``, ``B``) shared by the features, dividing ``H``; feature
         ``h`` uses SSM ``h mod n_ssm`` (state-spaces/s4's ``n_ssm``). None (default): ``H``.
-      param_dtype: dtype of the real parameter arrays.
+      param_dtype: storage dtype of the parameters, float32 or float64 (they are complex:
+        bfloat16 / float16 raise a ``ValueError``; use ``dtype`` for bfloat16 activations).
+      dtype: dtype the input is read in (None: the input's own). The SSM itself (kernel,
+        convolution, recurrence) runs in ``promote(dtype, param_dtype, float32)``: float32
+        for bfloat16 inputs. The output has the input's dtype (see the precision policy of
+        :mod:`ssmix.layers.base`).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
 
@@ -113,6 +127,7 @@ class S4D(LTISSM):
         drop_kernel: float = 0.0,
         n_ssm: int | None = None,
         param_dtype: Any = jnp.float32,
+        dtype: Any = None,
         rngs: nnx.Rngs,
     ):
         check_choice("init", init, tuple(S4D_INITS))
@@ -132,14 +147,15 @@ class S4D(LTISSM):
             rngs=rngs,
             drop_kernel=drop_kernel,
             n_ssm=n_ssm,
+            dtype=dtype,
         )
         self.init = init
         self.disc = disc
         self.l_max = l_max
         A, B = S4D_INITS[init](d_state, self.n_ssm, rngs.params())
-        A, B = jnp.asarray(A), jnp.asarray(B)
-        if not bool(jnp.all(jnp.isfinite(A)) and jnp.all(jnp.isfinite(B))):
+        if not (_all_finite(A) and _all_finite(B)):
             raise ValueError(f"init {init!r} produced non-finite A or B")
+        A, B = jnp.asarray(A), jnp.asarray(B)
         self.A_re_log = SSMParam(jnp.log(-jnp.minimum(A.real, _MAX_REAL)).astype(self.param_dtype))
         self.A_im = SSMParam(A.imag.astype(self.param_dtype))
         self.B = complex_param(B.astype(self._complex_dtype))

@@ -63,7 +63,17 @@ from ssmix import hippo
 from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_positive_int, check_sequence_input
 from ssmix.kernels.s5 import DISCS, discretize, s5_matrix, s5_output, s5_states, s5_step
-from ssmix.layers.base import SSMParam, as_complex, check_step_input, complex_param, mask_ends
+from ssmix.layers.base import (
+    SSMParam,
+    activation_dtype,
+    as_complex,
+    check_dtype,
+    check_param_dtype,
+    check_step_input,
+    complex_param,
+    mask_ends,
+    ssm_dtype,
+)
 
 __all__ = ["S5", "S5_INITS", "C_INITS", "MODES", "auto_mode"]
 
@@ -152,7 +162,12 @@ class S5(nnx.Module):
       mode: ``"auto"``, ``"sequential"``, ``"associative"``, ``"chunked"``, ``"parallel"`` or
         ``"materialized"``.
       chunk_size: chunk length of the ``"chunked"`` and ``"parallel"`` modes.
-      param_dtype: dtype of the real parameter arrays.
+      param_dtype: storage dtype of the parameters, float32 or float64 (they are complex:
+        bfloat16 / float16 raise a ``ValueError``; use ``dtype`` for bfloat16 activations).
+      dtype: dtype the input is read in (None: the input's own). The scans run in
+        ``promote(dtype, param_dtype, float32)``: float32 (complex64) for bfloat16 inputs.
+        The output has the input's dtype (see the precision policy of
+        :mod:`ssmix.layers.base`).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
     """
 
@@ -176,9 +191,12 @@ class S5(nnx.Module):
         mode: str = "auto",
         chunk_size: int = 64,
         param_dtype: Any = jnp.float32,
+        dtype: Any = None,
         rngs: nnx.Rngs,
     ):
         check_positive_int("d_model", d_model)
+        param_dtype = check_param_dtype(param_dtype, "S5")
+        dtype = check_dtype(dtype)
         check_positive_int("d_state", d_state)
         check_positive_int("blocks", blocks)
         check_positive_int("chunk_size", chunk_size)
@@ -221,7 +239,8 @@ class S5(nnx.Module):
         self.bidirectional = bidirectional
         self.mode = mode
         self.chunk_size = chunk_size
-        self.param_dtype = jnp.dtype(param_dtype)
+        self.param_dtype = param_dtype
+        self.dtype = dtype
 
         Lambda, V, Vinv = _modes(init, d_state // blocks, conj_sym)
         Lambda = np.tile(Lambda, blocks)
@@ -266,7 +285,10 @@ class S5(nnx.Module):
         return jnp.promote_types(self.param_dtype, jnp.complex64)
 
     def _dtype(self, x):
-        return jnp.promote_types(jnp.promote_types(x.dtype, self.param_dtype), jnp.float32)
+        """``(activation dtype, scan dtype)`` for input ``x`` (precision policy in
+        :mod:`ssmix.layers.base`)."""
+        act = activation_dtype(x.dtype, self.dtype)
+        return act, ssm_dtype(act, self.param_dtype)
 
     def _system(self, dtype):
         """``(Λ̄ (P_s,), B̄ (P_s, H), C̃ (H, n·P_s), D (H,))`` in the compute dtype."""
@@ -330,8 +352,8 @@ class S5(nnx.Module):
             )
         if state is not None:
             self._check_state(state, Bsz)
-        dtype = self._dtype(x)
-        u = x.astype(dtype)
+        act, dtype = self._dtype(x)
+        u = x.astype(act).astype(dtype)
         if mask is not None:
             u = jnp.where(mask[..., None], u, 0)
         Lambda_bar, B_bar, C, D = self._system(dtype)
@@ -405,7 +427,7 @@ class S5(nnx.Module):
             raise ValueError("a bidirectional layer cannot be stepped: it reads the future")
         check_step_input(x_t, self.d_model)
         self._check_state(state, x_t.shape[0])
-        dtype = self._dtype(x_t)
+        act, dtype = self._dtype(x_t)
         Lambda_bar, B_bar, C, D = self._system(dtype)
         state, y = s5_step(
             Lambda_bar,
@@ -413,7 +435,7 @@ class S5(nnx.Module):
             C,
             D,
             state.astype(C.dtype),
-            x_t.astype(dtype),
+            x_t.astype(act).astype(dtype),
             conj_sym=self.conj_sym,
         )
         return state, y.astype(x_t.dtype)
