@@ -22,12 +22,13 @@ only (padded positions never shift the mean or variance); running averages are u
 those masked statistics.
 
 Recurrent inference: for a stack of causal mixers that have ``init_state`` / ``step`` (S4,
-S4D, S5 and their PTD variants without ``bidirectional``, causal :class:`~ssmix.layers.Attention`
-with its KV cache), :meth:`ResidualBlock.step` and :meth:`SequenceModel.step` advance the whole
-model by one position: ``state = model.init_state(B)`` then ``state, out_t = model.step(state,
-x_t)`` for t = 0, 1, ...; the outputs equal the full forward pass of the model in eval mode
-position by position. Stepping is inference: dropout is off and BatchNorm normalises with its
-running statistics (as in eval mode) without updating them, in either mode.
+S4D, S5 and their PTD variants without ``bidirectional``, Mamba2, causal
+:class:`~ssmix.layers.Attention` with its KV cache), :meth:`ResidualBlock.step` and
+:meth:`SequenceModel.step` advance the whole model by one position: ``state =
+model.init_state(B)`` then ``state, out_t = model.step(state, x_t)`` for t = 0, 1, ...; the
+outputs equal the full forward pass of the model in eval mode position by position. Stepping
+is inference: dropout is off and BatchNorm normalises with its running statistics (as in
+eval mode) without updating them, in either mode.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def check_steppable(mixer: nnx.Module, what: str) -> None:
     if not steppable:
         raise ValueError(
             f"{what} needs causal mixers with init_state/step; {name} has no step, so it "
-            "cannot be decoded recurrently (use S4, S4D, S5, S4PTD, S5PTD or causal Attention)"
+            "cannot be decoded recurrently (use S4, S4D, S5, S4PTD, S5PTD, Mamba2 or causal "
+            "Attention)"
         )
     if getattr(mixer, "bidirectional", False) is True:
         raise ValueError(

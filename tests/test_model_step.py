@@ -1,6 +1,7 @@
 """Model-level recurrent inference: ``ResidualBlock`` / ``SequenceModel`` ``init_state`` /
 ``step`` equal the eval-mode forward pass position by position (float64), for every causal
-layer kind; the token head; causal ``Attention``'s KV cache; attention output dtypes.
+layer kind (S4, S4D, S5, S4PTD, S5PTD, Mamba2, causal Attention); the token head; causal
+``Attention``'s KV cache; attention output dtypes.
 
 Each model stacks two *different* causal layers (the factory alternates), so four small
 models cover every kind, pre- and post-norm, the three norms, both heads and both inputs with
@@ -31,10 +32,10 @@ from ssmix.layers import (
     S5,
     S5PTD,
     Attention,
-    Hydra,
     KroneckerAttention,
     TensorAttention,
 )
+from ssmix.layers.mamba2 import Mamba2
 from ssmix.testing import assert_close
 
 H, B, L = 8, 2, 7
@@ -61,6 +62,7 @@ KINDS = {
     "S4PTD": functools.partial(S4PTD, d_state=16, **f64),
     "S5PTD": functools.partial(S5PTD, d_state=8, **f64),
     "Attention": lambda d, *, rngs: Attention(d, num_heads=2, causal=True, rngs=rngs),
+    "Mamba2": functools.partial(Mamba2, d_state=4, headdim=4, chunk_size=4),
 }
 
 # (block kinds, SequenceModel options): every kind once, prenorm and postnorm, every norm.
@@ -80,8 +82,8 @@ CONFIGS = {
         dict(norm="rms", prenorm=True, vocab_size=11, n_classes=11, head="token",
              positional="sinusoidal", glu="half2"),
     ),
-    "Attention+S4D/postnorm-layer/pooled-features": (
-        ("Attention", "S4D"),
+    "Mamba2+S4D/postnorm-layer/pooled-features": (
+        ("Mamba2", "S4D"),
         dict(norm="layer", prenorm=False, d_input=3, n_classes=None, glu="none",
              activation="silu"),
     ),
@@ -113,7 +115,7 @@ def forward_and_decode(model, x, prefix_x):
     """Eval-mode ``model(x)``, ``model(prefix_x)`` (``x`` with its later positions changed),
     ``model.encode(x)``, and ``L`` calls of ``model.step`` from ``init_state`` inside one
     ``lax.scan`` (so the state must be a fixed-shape, fixed-dtype carry)."""
-    state = model.init_state(x.shape[0], max_len=x.shape[1])
+    state = model.init_state(x.shape[0], max_len=x.shape[1], dtype=jnp.float64)
     _, outs = jax.lax.scan(model.step, state, jnp.swapaxes(x, 0, 1))
     return model(x), model(prefix_x), model.encode(x), jnp.swapaxes(outs, 0, 1)
 
@@ -199,20 +201,21 @@ def test_sinusoids_of_a_position_are_the_table_rows():
 
 def test_token_head_and_step_errors():
     rngs = nnx.Rngs(0)
-    s4d = functools.partial(S4D, d_state=4)
+    # A mixer that is cheap to build (the errors do not depend on the kind).
+    attn = functools.partial(Attention, causal=True)
     common = dict(n_layers=1, d_model=H, vocab_size=5, rngs=rngs)
     with pytest.raises(ValueError, match="head must be one of"):
-        SequenceModel(s4d, n_classes=5, head="tokens", **common)
+        SequenceModel(attn, n_classes=5, head="tokens", **common)
     with pytest.raises(ValueError, match="RetrievalModel pools each input"):
-        RetrievalModel(s4d, n_classes=2, d_model=H, vocab_size=5, head="token", rngs=rngs)
-    pooled = SequenceModel(s4d, n_classes=3, **common)
+        RetrievalModel(attn, n_classes=2, d_model=H, vocab_size=5, head="token", rngs=rngs)
+    pooled = SequenceModel(attn, n_classes=5, **common)
     with pytest.raises(ValueError, match="pools the sequence before its classification head"):
-        pooled.init_state(2)
+        pooled.init_state(2, max_len=4)
     with pytest.raises(ValueError, match="pools the sequence before its classification head"):
         pooled.step({}, jnp.zeros(2, jnp.int32))
 
-    model = SequenceModel(s4d, n_classes=5, head="token", **common)
-    state = model.init_state(2)
+    model = SequenceModel(attn, n_classes=5, head="token", **common)
+    state = model.init_state(2, max_len=4)
     with pytest.raises(TypeError, match="token input x_t must be an integer array"):
         model.step(state, jnp.zeros(2))
     with pytest.raises(ValueError, match=r"x_t must have shape \(batch,\) integer tokens"):
@@ -222,9 +225,9 @@ def test_token_head_and_step_errors():
     with pytest.raises(ValueError, match="state holds 2 block states; the model has 1"):
         model.step({**state, "blocks": state["blocks"] * 2}, jnp.zeros(2, jnp.int32))
 
-    features = SequenceModel(s4d, n_layers=1, d_model=H, d_input=3, n_classes=None, rngs=rngs)
+    features = SequenceModel(attn, n_layers=1, d_model=H, d_input=3, n_classes=None, rngs=rngs)
     with pytest.raises(ValueError, match=r"x_t must have shape \(B, 3\)"):
-        features.step(features.init_state(2), jnp.zeros((2, 4)))
+        features.step(features.init_state(2, max_len=4), jnp.zeros((2, 4)))
 
 
 @pytest.mark.parametrize(
@@ -234,7 +237,6 @@ def test_token_head_and_step_errors():
         (lambda r: Attention(H, causal=False, rngs=r), "this Attention has causal=False"),
         (lambda r: TensorAttention(H, causal=True, rngs=r), "TensorAttention has no step"),
         (lambda r: KroneckerAttention(H, (2, 2), rngs=r), "KroneckerAttention has no step"),
-        (lambda r: Hydra(H, d_state=4, headdim=4, rngs=r), "Hydra has no step"),
     ],
 )
 def test_non_causal_mixers_are_refused_by_name(make, match):
@@ -284,8 +286,9 @@ def test_attention_layers_return_the_input_dtype(make):
     on the same (bfloat16-representable) input."""
     layer = make(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 6, H)).astype(jnp.bfloat16)
-    y = layer(x)
+    call = nnx.jit(type(layer).__call__)
+    y = call(layer, x)
     assert y.dtype == jnp.bfloat16
-    y32 = layer(x.astype(jnp.float32))
+    y32 = call(layer, x.astype(jnp.float32))
     assert y32.dtype == jnp.float32
     assert_close(y32, y.astype(jnp.float32), atol=2e-2, ratio=2e-2)
