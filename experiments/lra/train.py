@@ -804,6 +804,10 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        logger.warning(
+            "%s: stopping after the current step to save a checkpoint (send it again to "
+            "abort without saving)", self.signal_name,
+        )  # fmt: skip
 
     def __enter__(self):
         import threading
@@ -926,6 +930,7 @@ def train(
     data = data if data is not None else load_data(cfg)
     if saved is not None:
         cfg = _continued_config(saved, cfg, len(data.train))
+    logger.info("building the %s model and its optimiser", cfg.model)
     exp = Experiment(cfg, data)
 
     continuing = resume and occupied  # an existing run: never removed on failure
