@@ -38,3 +38,19 @@ def float_dtype(request):
             yield jax.numpy.float64
     else:
         yield jax.numpy.float32
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logging():
+    """Undo ``experiments.logs.setup_logging`` after each test (the CLI mains call it): its
+    handler and ``propagate=False`` on the package loggers would hide their records from
+    ``caplog`` in later tests of the same worker."""
+    yield
+    import logging
+
+    for name in ("experiments", "ssmix"):
+        log = logging.getLogger(name)
+        for handler in [h for h in log.handlers if h.get_name() == "ssmix-cli"]:
+            log.removeHandler(handler)
+        log.propagate = True
+        log.setLevel(logging.NOTSET)
