@@ -73,7 +73,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DATA_ROOT = REPO_ROOT / "data"
+# data/ of the git checkout, or of the current directory for an installed package (the rule
+# of experiments.lra.train.resolve_path).
+DATA_ROOT = (REPO_ROOT if (REPO_ROOT / ".git").exists() else Path.cwd()) / "data"
 
 PAD, EOS = 0, 1
 LISTOPS_SYMBOLS = tuple(str(d) for d in range(10)) + ("[MIN", "[MAX", "[MED", "[SM", "]")

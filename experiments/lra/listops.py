@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.logs import setup_logging
+from experiments.lra.data import DATA_ROOT
 
 logger = logging.getLogger(__name__)  # experiments.lra.listops
 
@@ -168,7 +169,11 @@ def write_listops(
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m experiments.lra.listops --out data/listops-1000 [--n-train N ...]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/listops-1000", help="output directory")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: data/listops-1000)",
+    )
     parser.add_argument("--n-train", type=int, default=96_000)
     parser.add_argument("--n-val", type=int, default=2_000)
     parser.add_argument("--n-test", type=int, default=2_000)
@@ -177,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=2000)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(DATA_ROOT / "listops-1000")
     setup_logging()
     logger.info(
         "generating %d ListOps samples (%d < length < %d) into %s",
