@@ -28,11 +28,13 @@ def _split64(**kwargs):
     return graphdef, jax.tree.map(lambda v: v.astype(jnp.float64), state)
 
 
-def _runner(graphdef, mode, **call_kwargs):
-    def run(state, x):
+def _runner(graphdef, mode="chunked"):
+    """``(state, x, mask=None, segment_ids=None) -> y`` of the layer in ``mode``."""
+
+    def run(state, x, mask=None, segment_ids=None):
         model = nnx.merge(graphdef, state)
         model.mode = mode
-        return model(x, **call_kwargs)
+        return model(x, mask, segment_ids=segment_ids)
 
     return run
 
@@ -41,44 +43,61 @@ def _x(L, seed=0, batch=2):
     return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, L, 8)))
 
 
-@pytest.mark.parametrize("L", [1, 7, 13])
-def test_every_mode_equals_materialized(x64, L):
+def test_every_mode_equals_materialized(x64):
+    """Outputs and gradients at L = 1 (shorter than the convolution and the chunk) and
+    L = 13 (a prime: a partial last chunk), both in one compiled program per mode."""
     graphdef, state = _split64(ngroups=2)
-    impls = {mode: _runner(graphdef, mode) for mode in MODES}
-    check_vjp(impls, state, _x(L))
+
+    def both(mode):
+        run = _runner(graphdef, mode)
+        return lambda state, x1, x13: (run(state, x1), run(state, x13))
+
+    check_vjp({mode: both(mode) for mode in MODES}, state, _x(1), _x(13, seed=7))
 
 
 def test_step_equals_forward(x64):
     graphdef, state = _split64(ngroups=2)
-    model = nnx.merge(graphdef, state)
     x = _x(7, seed=1)
-    full = model(x)
-    carry = model.init_state(2, jnp.float64)
+    full = jax.jit(_runner(graphdef))(state, x)
+
+    @jax.jit
+    def step(state, carry, x_t):
+        return nnx.merge(graphdef, state).step(carry, x_t)
+
+    carry = nnx.merge(graphdef, state).init_state(2, jnp.float64)
     outs = []
     for t in range(x.shape[1]):
-        carry, y_t = model.step(carry, x[:, t])
+        carry, y_t = step(state, carry, x[:, t])
         outs.append(y_t)
     assert_close(full, jnp.stack(outs, axis=1))
     assert carry[0].shape == (2, 3, 16 + 2 * 2 * 4) and carry[1].shape == (2, 4, 4, 4)
 
 
 def test_packed_equals_per_segment(x64):
+    """Packed rows against every segment run alone, as a right-padded row of its own (the
+    padding rule, checked against unpadded runs in :func:`test_padding_isolation`)."""
     graphdef, state = _split64()
     ids = jnp.asarray(IDS)
     x = _x(13, seed=2)
+    segs = []
+    for r in range(2):
+        cuts = [0] + [t for t in range(1, 13) if IDS[r, t] != IDS[r, t - 1]] + [13]
+        segs += [(r, a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    rows = np.array([[r] * 13 for r, _, _ in segs])
+    times = np.array([np.minimum(np.arange(13) + a, 12) for _, a, _ in segs])
+    valid = np.array([np.arange(13) < b - a for _, a, b in segs])
+    back_k, back_pos = np.zeros((2, 13), int), np.zeros((2, 13), int)
+    for k, (r, a, b) in enumerate(segs):
+        back_k[r, a:b], back_pos[r, a:b] = k, np.arange(b - a)
+    run = _runner(graphdef)
 
     def per_segment(state, x):
-        model = nnx.merge(graphdef, state)
-        rows = []
-        for r in range(2):
-            row = IDS[r]
-            cuts = [0] + [t for t in range(1, 13) if row[t] != row[t - 1]] + [13]
-            pieces = [model(x[r : r + 1, a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-            rows.append(jnp.concatenate(pieces, axis=1))
-        return jnp.concatenate(rows, axis=0)
+        return run(state, x[rows, times], jnp.asarray(valid))[back_k, back_pos]
 
-    impls = {"per_segment": per_segment}
-    impls |= {mode: _runner(graphdef, mode, segment_ids=ids) for mode in MODES}
+    def packed(mode):
+        return lambda state, x: _runner(graphdef, mode)(state, x, None, ids)
+
+    impls = {"per_segment": per_segment} | {m: packed(m) for m in ("materialized", "chunked")}
     check_vjp(impls, state, x)
 
 
@@ -134,23 +153,28 @@ def test_ssd_core_equals_ssd_minimal_discrete(x64):
 
 def test_padding_isolation(x64):
     """NaN at padded positions reaches no valid output and no parameter gradient; valid
-    outputs equal the sequence run alone."""
+    outputs equal the unpadded sequence's (the layer is causal: the first 4 outputs of a
+    length-7 row are those of its first 4 positions run alone)."""
     graphdef, state = _split64()
-    model = nnx.merge(graphdef, state)
+    run = _runner(graphdef)
     x = _x(7, seed=4)
     mask = jnp.arange(7)[None, :] < jnp.array([[7], [4]])
     x_nan = jnp.where(mask[..., None], x, jnp.nan)
-    y = model(x_nan, mask)
+
+    @jax.jit
+    def masked(state):
+        def loss(state):
+            y = run(state, x_nan, mask)
+            return jnp.sum(jnp.where(mask[..., None], y, 0) ** 2), y
+
+        return jax.grad(loss, has_aux=True)(state)
+
+    grads, y = masked(state)
     assert np.all(np.isfinite(np.asarray(y)[np.asarray(mask)]))
-    assert_close(model(x[1:, :4]), y[1:, :4])
-    assert_close(model(x[:1]), y[:1])
-
-    def loss(state):
-        out = nnx.merge(graphdef, state)(x_nan, mask)
-        return jnp.sum(jnp.where(mask[..., None], out, 0) ** 2)
-
-    grads = jax.grad(loss)(state)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+    alone = jax.jit(run)(state, x)
+    assert_close(alone[0], y[0])
+    assert_close(alone[1, :4], y[1, :4])
 
 
 def test_materialize_reproduces_the_mixer(x64):
@@ -168,6 +192,18 @@ def test_materialize_reproduces_the_mixer(x64):
         assert_close(y, jnp.einsum("bhts,bshp->bthp", M, xs))
     # Row 0 of the ids has a boundary at 4: no weight crosses it.
     assert np.all(np.asarray(M)[0, :, 4:, :4] == 0)
+
+
+def test_dtype_policy():
+    """``dtype=bfloat16`` on float32 input: activations in bfloat16, the SSD in float32, the
+    output in float32, close to the float32 layer at bfloat16 accuracy."""
+    kwargs = dict(d_state=4, headdim=4, chunk_size=4)
+    ref = Mamba2(8, rngs=nnx.Rngs(0), **kwargs)
+    low = Mamba2(8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), **kwargs)  # the same parameters
+    x = _x(5, seed=6).astype(jnp.float32)
+    y_ref, y = jax.jit(lambda x: (ref(x), low(x)))(x)
+    assert y.dtype == jnp.float32
+    assert_close(y_ref, y, ratio=5e-2, atol=5e-2)
 
 
 def test_bad_input():
@@ -201,3 +237,5 @@ def test_bad_input():
         Mamba2(8, headdim=4, A_init_range=(0.0, 4.0), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="mode must be one of"):
         Mamba2(8, headdim=4, mode="fft", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="dtype must be None or a floating dtype; got int32"):
+        Mamba2(8, headdim=4, dtype=jnp.int32, rngs=nnx.Rngs(0))

@@ -46,6 +46,19 @@ from ssmix.layers.mixers import _linear, dt_bias_init, zero_padding
 __all__ = ["Mamba2", "causal_depthwise_conv"]
 
 
+def _check_dtype(dtype):
+    """None or a floating dtype (returned as a dtype), else ``ValueError``."""
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(f"dtype must be None or a floating dtype; got {dtype!r}") from err
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dtype must be None or a floating dtype; got {dt.name}")
+    return dt
+
+
 def causal_depthwise_conv(x: jax.Array, w: jax.Array, labels: jax.Array | None = None) -> jax.Array:
     """``y[:, t, c] = Σ_i w[i, c]·x[:, t − (K − 1) + i, c]``, zeros before the sequence.
 
@@ -101,6 +114,9 @@ class Mamba2(nnx.Module):
       mode: ``"auto"`` (:func:`~ssmix.kernels.ssd.auto_method`), ``"chunked"``,
         ``"parallel"``, ``"sequential"``, ``"materialized"`` or ``"pallas"``: the method of
         :func:`~ssmix.kernels.ssd.ssd` (all give the same result).
+      dtype: computation dtype of the activations (``in_proj``, the convolution, the gate,
+        ``out_proj``); None: the input's. ``dt``, ``A``, the SSD and the norm's statistics
+        run in ``promote(dtype, float32)``; the output has the input's dtype.
       rngs: ``nnx.Rngs``.
 
     Parameters: ``in_proj`` ``d_model → 2·d_inner + 2·G·N + Hh`` (order ``[z, x, B, C, dt]``),
@@ -130,6 +146,7 @@ class Mamba2(nnx.Module):
         use_bias: bool = False,
         conv_bias: bool = True,
         mode: str = "auto",
+        dtype=None,
         rngs: nnx.Rngs,
     ):
         self.d_model = check_positive_int("d_model", d_model)
@@ -142,6 +159,7 @@ class Mamba2(nnx.Module):
             check_positive_int("chunk_size", chunk_size)
         self.chunk_size = chunk_size
         self.mode = check_choice("mode", mode, METHODS)
+        self.dtype = _check_dtype(dtype)
         self.d_inner = d_inner = expand * d_model
         if d_inner % P:
             raise ValueError(f"expand·d_model = {d_inner} must be divisible by headdim = {P}")
@@ -189,6 +207,11 @@ class Mamba2(nnx.Module):
         check_choice("mode", self.mode, METHODS)
         return auto_method() if self.mode == "auto" else self.mode
 
+    def _dtypes(self, x_dtype):
+        """``(activation dtype, core dtype)`` for an input of ``x_dtype``."""
+        act = jnp.dtype(x_dtype if self.dtype is None else self.dtype)
+        return act, jnp.promote_types(act, jnp.float32)
+
     def _mixer_inputs(self, x, mask, segment_ids):
         """Input checks, then ``z``, the SSD arguments ``(x, dt, A, B, C)`` and the segment
         labels (None without ``segment_ids``)."""
@@ -197,7 +220,8 @@ class Mamba2(nnx.Module):
         labels = None
         if segment_ids is not None:
             labels = segment_labels(check_segment_ids(segment_ids, b, L))
-        x = zero_padding(x, mask)
+        act, core = self._dtypes(x.dtype)
+        x = zero_padding(x, mask).astype(act)
         z, xbc, dt = self._split_proj(x)
         xbc = zero_padding(xbc, mask)
         xbc = causal_depthwise_conv(xbc, self.conv_weight[...].astype(xbc.dtype), labels)
@@ -205,8 +229,9 @@ class Mamba2(nnx.Module):
             xbc = xbc + self.conv_bias[...].astype(xbc.dtype)
         xbc = zero_padding(jax.nn.silu(xbc), mask)
         xs, B, C = self._heads(xbc)
-        dt = zero_padding(jax.nn.softplus(dt + self.dt_bias[...].astype(dt.dtype)), mask)
-        A = -jnp.exp(self.A_log[...].astype(dt.dtype))
+        dt = jax.nn.softplus(dt.astype(core) + self.dt_bias[...].astype(core))
+        dt = zero_padding(dt, mask)
+        A = -jnp.exp(self.A_log[...].astype(core))
         return z, (xs, dt, A, B, C), labels
 
     def _finish(self, y, xs, z):
@@ -233,7 +258,7 @@ class Mamba2(nnx.Module):
         y, _ = ssd(
             xs, dt, A, B, C, chunk_size=self.chunk_size, method=mode, segment_ids=segment_ids
         )
-        return self._finish(y, xs, z)
+        return self._finish(y, xs, z).astype(x.dtype)
 
     def materialize(
         self,
@@ -293,20 +318,20 @@ class Mamba2(nnx.Module):
         check_step_input(x_t, self.d_model)
         self._check_state(state, x_t.shape[0])
         conv_state, ssm_state = state
-        dtype = jnp.promote_types(x_t.dtype, jnp.float32)
-        z, xbc, dt = self._split_proj(x_t.astype(dtype))
-        window = jnp.concatenate([conv_state.astype(dtype), xbc[:, None]], axis=1)  # (B, K, C)
-        xbc = jnp.einsum("bkc,kc->bc", window, self.conv_weight[...].astype(dtype))
+        act, core = self._dtypes(x_t.dtype)
+        z, xbc, dt = self._split_proj(x_t.astype(act))
+        window = jnp.concatenate([conv_state.astype(act), xbc[:, None]], axis=1)  # (B, K, C)
+        xbc = jnp.einsum("bkc,kc->bc", window, self.conv_weight[...].astype(act))
         if self.conv_bias is not None:
-            xbc = xbc + self.conv_bias[...].astype(dtype)
+            xbc = xbc + self.conv_bias[...].astype(act)
         xs, B, C = self._heads(jax.nn.silu(xbc))  # (B, Hh, P), (B, G, N)
         rep = self.nheads // self.ngroups
         B, C = jnp.repeat(B, rep, axis=1), jnp.repeat(C, rep, axis=1)  # (B, Hh, N)
-        dt = jax.nn.softplus(dt + self.dt_bias[...].astype(dtype))  # (B, Hh)
-        decay = jnp.exp(dt * -jnp.exp(self.A_log[...].astype(dtype)))
-        h = decay[..., None, None] * ssm_state.astype(dtype)
-        h = h + (dt[..., None] * xs)[..., None] * B[:, :, None, :]
-        y = jnp.einsum("bhpn,bhn->bhp", h, C)
+        dt = jax.nn.softplus(dt.astype(core) + self.dt_bias[...].astype(core))  # (B, Hh)
+        decay = jnp.exp(dt * -jnp.exp(self.A_log[...].astype(core)))
+        h = decay[..., None, None] * ssm_state.astype(core)
+        h = h + (dt[..., None] * xs.astype(core))[..., None] * B.astype(core)[:, :, None, :]
+        y = jnp.einsum("bhpn,bhn->bhp", h, C.astype(core)).astype(act)
         out = self._finish(y, xs, z)
         new_state = (window[:, 1:].astype(conv_state.dtype), h.astype(ssm_state.dtype))
         return new_state, out.astype(x_t.dtype)
