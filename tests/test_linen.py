@@ -4,13 +4,16 @@ included, in the ``'params'`` collection, so a standard Linen training loop trai
 ``EXAMPLE`` is the README's "Using ssmix from Linen" example, run here verbatim.
 """
 
+from functools import partial
+
+import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 from flax.nnx import variablelib
 
 from ssmix import optim
-from ssmix.layers import S4D
+from ssmix.layers import S4, S4D, S4PTD, S5, S5PTD, Hydra, MatrixMixer
 from ssmix.layers.base import SSMParam
 
 EXAMPLE = """
@@ -118,3 +121,31 @@ def test_explicit_registration_wins():
     finally:
         del variablelib.VariableTypeCache["ssm_scan"]
     assert variablelib.variable_name_from_type(ScanParam) == "params"
+
+
+BRIDGED = {
+    "S4": partial(S4, 4, 8),
+    "S4D": partial(S4D, 4, 8),
+    "S5": partial(S5, 4, 8),
+    "S5-complex_normal": partial(S5, 4, 8, C_init="complex_normal", bidirectional=True),
+    "S5-lecun_normal": partial(S5, 4, 8, C_init="lecun_normal"),
+    "S4PTD": partial(S4PTD, 4, 16),
+    "S5PTD": partial(S5PTD, 4, 8),
+    "Hydra": partial(Hydra, 4, d_state=4, headdim=4),
+    "MatrixMixer": partial(MatrixMixer, 4, "semiseparable", max_len=9, headdim=4),
+}
+
+
+@pytest.mark.parametrize("name", list(BRIDGED))
+def test_every_layer_bridges_with_all_parameters_in_params(name):
+    """``to_linen`` builds the layer inside a trace (``jit(init)``, and in every ``apply``):
+    each layer builds there, and every parameter lands in ``'params'`` (traced only)."""
+    layer = BRIDGED[name]
+    bridged = nnx.bridge.to_linen(layer.func, *layer.args, **layer.keywords)
+    x = jax.ShapeDtypeStruct((2, 9, 4), jnp.float32)
+    variables = jax.eval_shape(bridged.init, jax.random.key(0), x)
+    assert set(variables) == {"params"}
+    reference = nnx.eval_shape(lambda: layer(rngs=nnx.Rngs(0)))
+    n_params = len(jax.tree.leaves(nnx.state(reference, nnx.Param)))
+    assert len(jax.tree.leaves(variables["params"])) == n_params
+    assert jax.eval_shape(bridged.apply, variables, x).shape == (2, 9, 4)

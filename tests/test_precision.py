@@ -147,11 +147,15 @@ def test_float64_in_float64_out(name):
         assert out.shape == (B, L, H)
 
 
-def test_float64_parameters_under_x64(x64):
-    layer = S4D(H, N, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
-    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(layer))} == {jnp.dtype(jnp.float64)}
+@pytest.mark.parametrize("cls", [S4D, S5])
+def test_float64_parameters_under_x64(cls, x64):
+    """float64 storage, and still the input's dtype out (built and traced abstractly)."""
+    layer = nnx.eval_shape(lambda: cls(H, N, param_dtype=jnp.float64, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(layer)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state)} == {jnp.dtype(jnp.float64)}
     for dtype in (jnp.float64, jnp.float32, jnp.bfloat16):
-        out = jax.eval_shape(layer, jax.ShapeDtypeStruct((B, L, H), dtype))
+        x = jax.ShapeDtypeStruct((B, L, H), dtype)
+        out = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
         assert out.dtype == dtype
 
 

@@ -107,6 +107,12 @@ def auto_mode(L: int, backend: str | None = None) -> str:
     return "sequential" if resolve_backend(backend) == "cpu" else "parallel"
 
 
+def _host(a, xp, dtype=None):
+    """``a`` as a NumPy array (``xp = np``, of ``dtype``) or as a JAX array (``xp = jnp``, in
+    JAX's default precision, for values traced during construction)."""
+    return np.asarray(a, dtype) if xp is np else jnp.asarray(a)
+
+
 def _block_diag(block: np.ndarray, J: int) -> np.ndarray:
     """``J`` copies of ``block`` on the diagonal."""
     return np.kron(np.eye(J), block)
@@ -255,30 +261,36 @@ class S5(nnx.Module):
 
         self.Lambda_re = SSMParam(jnp.asarray(Lambda.real, self.param_dtype))
         self.Lambda_im = SSMParam(jnp.asarray(Lambda.imag, self.param_dtype))
-        B = jax.nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)(rngs.params(), (P, H))
-        self.B = complex_param(jnp.asarray(Vinv @ np.asarray(B, np.float64), cdtype))
+        key = rngs.params()
+        # Built eagerly, B̃ = V⁻¹B and C̃ = CV are formed in NumPy float64. Built inside a
+        # trace (jit, eval_shape, nnx.bridge.to_linen's apply) the random draws are tracers:
+        # then the same products in JAX, in the parameters' precision.
+        xp = jnp if isinstance(key, jax.core.Tracer) else np
+        B = jax.nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)(key, (P, H))
+        self.B = complex_param(jnp.asarray(_host(Vinv, xp) @ _host(B, xp, np.float64), cdtype))
         n_dir = 2 if bidirectional else 1
-        C = np.concatenate([self._init_C(rngs.params(), V) for _ in range(n_dir)], axis=1)
+        C = xp.concatenate([self._init_C(rngs.params(), V, xp) for _ in range(n_dir)], axis=1)
         self.C = complex_param(jnp.asarray(C, cdtype), nnx.Param)
         self.D = nnx.Param(jax.random.normal(rngs.params(), (H,), self.param_dtype))
         step = hippo.dt_init(rngs.params(), (P_s,), dt_min, dt_max, dtype=self.param_dtype)
         self.log_step = (nnx.Param if dt_global else SSMParam)(jnp.log(step))
 
-    def _init_C(self, key, V):
-        """One direction's ``C̃ (H, P_s)`` as complex128 NumPy."""
+    def _init_C(self, key, V, xp=np):
+        """One direction's ``C̃ (H, P_s)``: complex128 NumPy (``xp = np``) or a JAX array
+        (``xp = jnp``, construction inside a trace)."""
         H, P = self.d_model, self.d_state
         if self.C_init == "complex_normal":
             kr, ki = jax.random.split(key)
             shape = (H, V.shape[1])
             C = jax.random.normal(kr, shape) + 1j * jax.random.normal(ki, shape)
-            return np.asarray(C, np.complex128) * math.sqrt(0.5)
+            return _host(C, xp, np.complex128) * math.sqrt(0.5)
         lecun = jax.nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)
         if self.C_init == "lecun_normal":
-            C = np.asarray(lecun(key, (H, P)), np.float64)
+            C = _host(lecun(key, (H, P)), xp, np.float64)
         else:
             kr, ki = jax.random.split(key)
-            C = np.asarray(lecun(kr, (H, P)), np.float64) + 1j * np.asarray(lecun(ki, (H, P)))
-        return C @ V
+            C = _host(lecun(kr, (H, P)), xp, np.float64) + 1j * _host(lecun(ki, (H, P)), xp)
+        return C @ _host(V, xp)
 
     @property
     def _complex_dtype(self):
