@@ -123,6 +123,16 @@ def check_vjp(impls, *args, seed=0):
         assert_close(ref, run(impls[name]), name=f"[{name}] (outputs, gradients)")
 
 
+def check_outputs(impls, *args):
+    """Outputs only, of every implementation against the first one's, all computed in one
+    jitted program (one compilation for all of them)."""
+    names = list(impls)
+    outs = jax.jit(lambda *args: {name: impls[name](*args) for name in names})(*args)
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(outs[names[0]]))
+    for name in names[1:]:
+        assert_close(outs[names[0]], outs[name], name=f"[{name}] outputs")
+
+
 # --------------------------------------------------------------------------------------
 # Linear scan
 
@@ -223,9 +233,10 @@ def _ssd_reference(reverse):
 
 
 def test_ssd_packed_equals_per_segment(x64):
-    """Every method forward (and the parallel form's associative-scan state passing and
-    head blocks, with groups); the directions' own code (materialized, sequential, the
-    flip of the chunk forms) in reverse; against each segment run alone."""
+    """Every method forward, outputs and gradients (materialized: outputs; and the parallel
+    form's associative-scan state passing and head blocks, with groups); the directions' own
+    code (materialized, sequential, the flip of the chunk forms) in reverse, outputs; against
+    each segment run alone."""
     ids = jnp.asarray(IDS)
     labels = segment_labels(ids)
 
@@ -249,12 +260,25 @@ def test_ssd_packed_equals_per_segment(x64):
         )
 
     args = _ssd_inputs(3, H=4, G=2)
-    methods = ("materialized", "sequential", "chunked", "parallel", "pallas")
+    methods = ("sequential", "chunked", "parallel", "pallas")
     impls = {"per_segment": _ssd_reference(False)} | {m: packed(m) for m in methods}
     check_vjp(impls | {"parallel_blocks": blocks}, *args)
-    impls = {"per_segment": _ssd_reference(True)}
-    impls |= {m: packed(m, True) for m in ("materialized", "sequential", "chunked")}
-    check_vjp(impls, *args)
+    # Outputs of the materialized form (its gradient is autodiff through the same masks),
+    # and of the reverse direction (the chunk forms run reversed as the forward form on
+    # flipped inputs), in one compiled program.
+    forward, backward = _ssd_reference(False), _ssd_reference(True)
+
+    def outputs(*args):
+        return {
+            "per_segment": (forward(*args), backward(*args)),
+            "materialized": (packed("materialized")(*args), packed("materialized", True)(*args)),
+            "sequential": (packed("sequential")(*args), packed("sequential", True)(*args)),
+            "chunked": (packed("chunked")(*args), packed("chunked", True)(*args)),
+        }
+
+    outs = jax.jit(outputs)(*args)
+    for name in ("materialized", "sequential", "chunked"):
+        assert_close(outs["per_segment"], outs[name], name=f"[{name}] outputs")
 
 
 def test_ssd_segment_ids_validation():
