@@ -45,7 +45,7 @@ state = train_state.TrainState.create(
 
 
 def loss_fn(params, x, y):
-    return jnp.mean((state.apply_fn({"params": params}, x) - y) ** 2)
+    return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
 
 
 @jax.jit
@@ -55,7 +55,7 @@ def train_step(state, x, y):
 
 
 losses = []
-for step in range(3):
+for _ in range(3):
     state, loss = train_step(state, x, y)
     losses.append(float(loss))  # the loss before this step's update
 """
