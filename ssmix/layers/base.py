@@ -24,22 +24,25 @@ Three dtypes meet in a layer: the input's, the **storage** dtype of the paramete
   complex ``bfloat16`` / ``float16``, so ``param_dtype=jnp.bfloat16`` (or ``float16``) on these
   layers is a ``ValueError`` that says to keep ``float32`` parameters and pass
   ``dtype=jnp.bfloat16`` instead (:func:`check_param_dtype`). Hydra's and the matrix mixers'
-  real SSM parameters (``A_log``, ``dt_bias``) and their dense weights are float32.
-- ``dtype`` (argument of every layer; None = the input's dtype, :func:`check_dtype`) is the
+  real SSM parameters (``A_log``, ``dt_bias``) and their dense weights are float32 (Flax's
+  default).
+- ``dtype`` (argument of S4, S4D, S5, S4PTD, S5PTD, Hydra, ``MatrixMixer``,
+  ``ShortConv``, ``GatedRMSNorm``; None = the input's dtype, :func:`check_dtype`) is the
   dtype of the activations and of the dense work on them: ``in_proj`` / ``out_proj``
-  matmuls, the short convolution and the gating of Hydra and :class:`MatrixMixer` (weights
+  matmuls, the short convolution and the gating of Hydra and ``MatrixMixer`` (weights
   are cast to it on the fly, as ``nnx.Linear(dtype=)`` does). ``dtype=jnp.bfloat16`` on
   float32 inputs therefore runs those parts in bfloat16 and still returns float32.
 - *The recurrence stays in float32*: the SSM core — S4 / S4D kernel generation, the FFT
   convolution, the chunked / scan recurrences, S5's scans, the SSD / quasiseparable kernels,
   and every matrix mixer's mixing matrix and its product (a ``cos(2π q s / max_len)`` at
-  positions past 256 is not representable in bfloat16; XLA has no bfloat16 FFT) — runs in
-  ``promote(dtype, param_dtype, float32)`` (:func:`ssm_dtype`): float32 (complex64) for
-  bfloat16, float16 or float32 activations, float64 (complex128) for float64 ones. A state
-  accumulated in bfloat16 (8 bits of mantissa) loses the input within a few hundred steps,
-  so that is never offered. The core's output is cast back to ``dtype`` before the gate and
-  ``out_proj``. For S4, S4D and S5, which have no projection, ``dtype`` sets the precision
-  the input is read in (``x.astype(dtype)``) and whether the core runs in float32 or float64.
+  positions past 256 is not representable in bfloat16; ``jnp.fft.rfft`` refuses bfloat16)
+  — runs in ``promote(dtype, param_dtype, float32)`` (:func:`ssm_dtype`): float32
+  (complex64) for bfloat16, float16 or float32 activations, float64 (complex128) for float64
+  ones. A state kept in bfloat16 would be rounded to 8 significant bits at every one of the
+  ``L`` steps (and JAX has no complex bfloat16), so that is never offered. The core's output
+  is cast back to ``dtype`` before the gate and ``out_proj``. For S4, S4D and S5, which have
+  no projection, ``dtype`` sets the precision the input is read in (``x.astype(dtype)``) and
+  whether the core runs in float32 or float64.
 - Gated RMSNorm computes its statistics (mean square, rsqrt) in at least float32 and gates
   in ``dtype``.
 
