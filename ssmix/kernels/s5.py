@@ -157,6 +157,7 @@ def s5_states(
     initial_state=None,
     method: str = "auto",
     chunk_size: int | None = None,
+    segment_ids=None,
 ):
     """All states of ``x_t = Λ̄ ⊙ x_{t−1} + B̄ u_t`` (``x_{t+1}`` with ``reverse``).
 
@@ -169,6 +170,8 @@ def s5_states(
       method: ``"auto"`` (:func:`auto_method`), ``"associative"``, ``"sequential"``,
         ``"chunked"`` or ``"parallel"`` (see :func:`ssmix.kernels.scan.linear_scan`).
       chunk_size: chunk length of ``"chunked"`` and ``"parallel"`` (None: their defaults).
+      segment_ids: packed sequences, integer ``(B, L)``: the state is reset where the id
+        changes (in the direction of the scan; see :func:`ssmix.kernels.scan.linear_scan`).
 
     Returns:
       ``(states (B, L, P), final_state (B, P))``, complex.
@@ -185,6 +188,7 @@ def s5_states(
         reverse=reverse,
         method=method,
         chunk_size=chunk_size,
+        segment_ids=segment_ids,
     )
 
 

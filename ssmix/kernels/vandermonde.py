@@ -19,7 +19,9 @@ C (output channels). Everything here is a pure function of jax arrays.
 - :func:`chunked_ssm_conv`: the chunked form of any LTI SSM convolution (used by S4D and by
   the DPLR kernel of S4): inside chunks of ``T`` steps the output is a Toeplitz matmul with
   the kernel's first ``T`` taps; a real state of size ``S`` carries across chunks.
-  :func:`diag_chunk_operators` builds its operators for a diagonal SSM.
+  :func:`diag_chunk_operators` builds its operators for a diagonal SSM;
+  :func:`chunked_ssm_conv_packed` is its packed-sequence form (state reset where a segment
+  starts).
 
 Each fast form has a naive reference next to it (``*_naive``).
 """
@@ -40,6 +42,7 @@ __all__ = [
     "chunked_ssm_conv",
     "chunked_ssm_conv_bidirectional",
     "chunked_ssm_conv_naive",
+    "chunked_ssm_conv_packed",
     "chunked_state_forward",
     "chunked_state_output",
     "diag_chunk_operators",
@@ -555,8 +558,20 @@ def chunked_ssm_conv_bidirectional(u, ops_fwd: ChunkOps, ops_bwd: ChunkOps):
     nc = -(-L // T)
     if (ops_fwd.dA is None) != (ops_bwd.dA is None):
         raise ValueError("ops_fwd and ops_bwd must both be diagonal or both dense")
-    # Stack the two directions along the feature axis (axis 1 of taps / w_out, 0 otherwise).
-    both = ChunkOps(
+    both = _stack_ops(ops_fwd, ops_bwd)
+    ut = jnp.transpose(u.astype(dtype), (2, 0, 1))
+    ut = jnp.pad(jnp.concatenate([ut, ut[..., ::-1]], axis=0), ((0, 0), (0, 0), (0, nc * T - L)))
+    x_prev, _ = _chunk_states(ut, both, jnp.zeros((2 * H, Bsz, S), dtype))
+    y = jnp.swapaxes(_chunk_outputs(ut, x_prev, both), 3, 4)
+    y = y.reshape(2 * H, Bsz, nc * T, C)[:, :, :L]
+    y = y[:H] + y[H:, :, ::-1]
+    return jnp.transpose(y, (1, 2, 3, 0))
+
+
+def _stack_ops(ops_fwd: ChunkOps, ops_bwd: ChunkOps) -> ChunkOps:
+    """Both directions' operators stacked along the feature axis (axis 1 of taps / w_out, 0
+    otherwise): one batch of ``2H`` feature-major rows."""
+    return ChunkOps(
         taps=jnp.concatenate([ops_fwd.taps, ops_bwd.taps], axis=1),
         w_in=jnp.concatenate([ops_fwd.w_in, ops_bwd.w_in], axis=0),
         w_out=jnp.concatenate([ops_fwd.w_out, ops_bwd.w_out], axis=1),
@@ -565,11 +580,99 @@ def chunked_ssm_conv_bidirectional(u, ops_fwd: ChunkOps, ops_bwd: ChunkOps):
         else jnp.concatenate([ops_fwd.log_dA, ops_bwd.log_dA], axis=0),
         dA=None if ops_fwd.dA is None else jnp.concatenate([ops_fwd.dA, ops_bwd.dA], axis=0),
     )
+
+
+def _packed_chunks(ut, ops: ChunkOps, x0, st):
+    """Chunked recurrence with state resets: ``ut (H, B, Lp)`` feature-major input, ``x0
+    (H, B, S)``, ``st (H|1, B, Lp)`` bool, True where a segment starts. Returns the outputs
+    ``(H, B, nc, C, T)`` of :func:`_chunk_outputs`' layout.
+
+    Inside a chunk the Toeplitz block only pairs positions of the same segment; the state
+    entering a chunk reaches only the positions before the chunk's first start; the state
+    leaving it is the chunk's last segment's alone when the chunk holds a start (the
+    incoming state is dropped, ``Ā^T x`` replaced by zero).
+    """
+    H, Bsz, Lp = ut.shape
+    C, _, T = ops.taps.shape
+    nc = Lp // T
+    lab = jnp.cumsum(st.reshape(st.shape[0], Bsz, nc, T), axis=-1)  # segment within chunk
+    head = lab == 0  # before the chunk's first start: reads the incoming state
+    tail = lab == lab[..., -1:]  # the chunk's last segment: feeds the outgoing state
+    reset = lab[..., -1] > 0  # (H|1, B, nc): the chunk holds a start
+    uc = ut.reshape(H, Bsz, nc, T)
+    s = jnp.einsum("hbkt,hst->hbks", uc * tail, ops.w_in)
+    G = _power(ops, T)
+
+    def body(x, inp):
+        s_k, r_k = inp
+        return jnp.where(r_k[..., None], 0, _apply(G, x)) + s_k, x
+
+    _, x_prev = jax.lax.scan(body, x0, (jnp.moveaxis(s, 2, 0), jnp.moveaxis(reset, 2, 0)))
+    lag = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
+    Tm = jnp.where(lag >= 0, jnp.take(ops.taps, jnp.clip(lag, 0, T - 1), axis=-1), 0)
+    same = lab[..., :, None] == lab[..., None, :]  # (H|1, B, nc, T, T)
+    y = jnp.einsum("hbkts,chts->hbkct", uc[..., None, :] * same, Tm)
+    y_state = jnp.einsum("khbs,chst->hbkct", x_prev, ops.w_out)
+    return y + y_state * head[:, :, :, None, :]
+
+
+def chunked_ssm_conv_packed(u, ops: ChunkOps, starts, state=None, *, ops_bwd=None, starts_bwd=None):
+    """Chunked SSM convolution of packed sequences: the state is reset where a segment starts.
+
+    Equal to running each segment alone through :func:`chunked_ssm_conv` (or
+    :func:`chunked_ssm_conv_bidirectional`) and concatenating: inside a chunk the Toeplitz
+    block is masked to same-segment pairs, and the state passed between chunks is reset
+    where a segment starts. ``state`` enters only the first segment.
+
+    Args:
+      u: real ``(B, L, H)``.
+      ops: :class:`ChunkOps` of the causal direction.
+      starts: bool ``(B, L)``, True where a segment starts in the causal direction
+        (:func:`ssmix.kernels.scan._common.segment_starts`).
+      state: real ``(B, H, S)`` before the sequence (zero when None; causal only).
+      ops_bwd: :class:`ChunkOps` of the strictly anti-causal direction (``strict=True``),
+        for a bidirectional convolution; None: causal.
+      starts_bwd: with ``ops_bwd``: bool ``(B, L)`` in the original time order, True where
+        the backward recurrence starts a segment (``segment_starts(ids, reverse=True)``).
+
+    Returns:
+      ``(B, L, C, H)``.
+    """
+    _check_ops(u, ops)
+    Bsz, L, H = u.shape
+    C, _, T = ops.taps.shape
+    S = ops.w_in.shape[1]
+    dtype = ops.w_in.dtype
+    nc = -(-L // T)
+    for name, st in (("starts", starts), ("starts_bwd", starts_bwd)):
+        if st is not None and tuple(st.shape) != (Bsz, L):
+            raise ValueError(f"{name} must have shape (B, L) = {(Bsz, L)}; got {st.shape}")
+
+    def pad(a):
+        return jnp.pad(a, ((0, 0), (0, 0), (0, nc * T - L)))
+
+    st = jnp.asarray(starts, bool)[None]
+    if ops_bwd is None:
+        ut, x0 = _to_hmajor(u, T, dtype, state, S)
+        y = _packed_chunks(ut, ops, x0, pad(st))
+        return jnp.transpose(y, (1, 2, 4, 3, 0)).reshape(Bsz, nc * T, C, H)[:, :L]
+    if state is not None:
+        raise ValueError("a bidirectional convolution takes no state")
+    if starts_bwd is None:
+        raise ValueError("ops_bwd needs starts_bwd")
+    _check_ops(u, ops_bwd)
+    if ops.taps.shape != ops_bwd.taps.shape or ops.w_in.shape != ops_bwd.w_in.shape:
+        raise ValueError("ops and ops_bwd must have the same shapes")
+    if (ops.dA is None) != (ops_bwd.dA is None):
+        raise ValueError("ops and ops_bwd must both be diagonal or both dense")
     ut = jnp.transpose(u.astype(dtype), (2, 0, 1))
-    ut = jnp.pad(jnp.concatenate([ut, ut[..., ::-1]], axis=0), ((0, 0), (0, 0), (0, nc * T - L)))
-    x_prev, _ = _chunk_states(ut, both, jnp.zeros((2 * H, Bsz, S), dtype))
-    y = jnp.swapaxes(_chunk_outputs(ut, x_prev, both), 3, 4)
-    y = y.reshape(2 * H, Bsz, nc * T, C)[:, :, :L]
+    ut = pad(jnp.concatenate([ut, ut[..., ::-1]], axis=0))
+    sb = jnp.asarray(starts_bwd, bool)[None, :, ::-1]
+    st2 = pad(
+        jnp.concatenate([jnp.broadcast_to(st, (H, Bsz, L)), jnp.broadcast_to(sb, (H, Bsz, L))])
+    )
+    y = _packed_chunks(ut, _stack_ops(ops, ops_bwd), jnp.zeros((2 * H, Bsz, S), dtype), st2)
+    y = jnp.swapaxes(y, 3, 4).reshape(2 * H, Bsz, nc * T, C)[:, :, :L]
     y = y[:H] + y[H:, :, ::-1]
     return jnp.transpose(y, (1, 2, 3, 0))
 

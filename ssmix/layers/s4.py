@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,10 +60,12 @@ from ssmix.kernels.cauchy import (
     dplr_step_setup,
 )
 from ssmix.kernels.fftconv import fft_conv, fft_conv_bidirectional
+from ssmix.kernels.scan._common import check_segment_ids, segment_starts
 from ssmix.kernels.vandermonde import (
     ChunkOps,
     chunked_ssm_conv,
     chunked_ssm_conv_bidirectional,
+    chunked_ssm_conv_packed,
     chunked_state_forward,
     chunked_state_output,
 )
@@ -151,12 +153,53 @@ def _to_complex(x):
     return jax.lax.complex(x[..., :half], x[..., half:])
 
 
-def _blocked_scan(block_fn: Callable, x0, u, mask, block: int):
-    """Run ``block_fn(x, u_blk, m_blk) -> (x, y_blk)`` over blocks of the sequence.
+class Packing(NamedTuple):
+    """Packed-sequence layout of a batch (from :func:`packing`).
+
+    Attributes:
+      starts: bool ``(B, L)``, True where the causal recurrence starts a segment (its state
+        is reset there); with a mask only before each row's end (one past its last valid
+        position), so the state after the end is the last segment's.
+      labels: int ``(B, L)``, the segment of each position (``cumsum(starts)``: 0 for the
+        first segment, which alone reads a state passed in).
+      starts_bwd: bool ``(B, L)``, True where the backward (anti-causal) recurrence starts a
+        segment: the last position of every segment but the row's last.
+    """
+
+    starts: jax.Array
+    labels: jax.Array
+    starts_bwd: jax.Array
+
+
+def packing(segment_ids, mask, batch: int, length: int) -> Packing:
+    """Validate ``segment_ids`` (integer ``(B, L)``: ``TypeError`` / ``ValueError``) and
+    return its :class:`Packing`. A segment is a run of equal neighbouring ids (ids may repeat
+    between segments)."""
+    ids = check_segment_ids(segment_ids, batch, length)
+    starts = segment_starts(ids)
+    if mask is not None:
+        starts = starts & (jnp.arange(length)[None, :] < mask_ends(mask)[:, None])
+    labels = jnp.cumsum(starts, axis=1)
+    return Packing(starts, labels, segment_starts(ids, reverse=True))
+
+
+def last_segment(u, pack: Packing):
+    """``u (B, L, ...)`` zeroed before each row's last segment (the one that leaves the
+    final state), and ``keep (B,)``: whether that segment is the first (it then reads the
+    incoming state)."""
+    L = u.shape[1]
+    first = jnp.max(jnp.where(pack.starts, jnp.arange(L)[None, :], 0), axis=1)
+    inside = jnp.arange(L)[None, :] >= first[:, None]
+    return jnp.where(inside.reshape(inside.shape + (1,) * (u.ndim - 2)), u, 0), first == 0
+
+
+def _blocked_scan(block_fn: Callable, x0, u, mask, block: int, resets=None):
+    """Run ``block_fn(x, u_blk, m_blk, r_blk) -> (x, y_blk)`` over blocks of the sequence.
 
     Each block is rematerialised in the backward pass (``jax.checkpoint``), so only the
     states between blocks are stored. Positions past the end (padding up to a whole block)
-    carry ``m = False`` so that they leave the state unchanged.
+    carry ``m = False`` so that they leave the state unchanged. ``resets (B, L)`` bool (or
+    None): the state is zeroed before the step at those positions (``r_blk``).
 
     Returns ``(y (B, L, ...), final state)``.
     """
@@ -168,14 +211,16 @@ def _blocked_scan(block_fn: Callable, x0, u, mask, block: int):
         mask = jnp.ones((Bsz, L), bool)
     u = jnp.pad(u, ((0, 0), (0, pad), (0, 0)))
     u_b = jnp.moveaxis(u.reshape(Bsz, nb, block, H), 1, 0)
-    m_b = None
-    if mask is not None:
-        m_b = jnp.moveaxis(jnp.pad(mask, ((0, 0), (0, pad))).reshape(Bsz, nb, block), 1, 0)
+
+    def blocks(a):
+        if a is None:
+            return None
+        return jnp.moveaxis(jnp.pad(a, ((0, 0), (0, pad))).reshape(Bsz, nb, block), 1, 0)
 
     def body(x, blk):
         return block_fn(x, *blk)
 
-    x_final, y = jax.lax.scan(jax.checkpoint(body), x0, (u_b, m_b))
+    x_final, y = jax.lax.scan(jax.checkpoint(body), x0, (u_b, blocks(mask), blocks(resets)))
     y = jnp.moveaxis(y, 0, 1)
     return y.reshape(Bsz, nb * block, *y.shape[3:])[:, :L], x_final
 
@@ -352,7 +397,9 @@ class LTISSM(nnx.Module):
         k = self._kernel(sys, jnp.concatenate([C_f, C_b], axis=0), L)
         return k[: C_f.shape[0]], k[C_f.shape[0] :]
 
-    def __call__(self, x, mask=None, state=None, return_state: bool = False, *, rngs=None):
+    def __call__(
+        self, x, mask=None, state=None, return_state: bool = False, *, rngs=None, segment_ids=None
+    ):
         """Apply the layer.
 
         Args:
@@ -366,6 +413,17 @@ class LTISSM(nnx.Module):
           rngs: ``nnx.Rngs`` with a ``dropout`` stream, needed only when ``drop_kernel > 0``
             and the layer is in training mode (``.train()``); kernel dropout zeroes taps of
             the ``"fft"`` mode's kernel (the other modes never form it and refuse it).
+          segment_ids: packed sequences: an integer ``(B, L)`` array, equal neighbouring ids
+            = same document (as :func:`~ssmix.kernels.scan.linear_scan`); the state is reset
+            where the id changes, so each segment's outputs equal running it alone (both
+            directions when bidirectional). ``state`` enters only the first segment and the
+            returned state is the last segment's (with a mask: right after the last valid
+            position). Exact in the ``"scan"``, ``"chunked"`` (Toeplitz blocks masked to
+            same-segment pairs, the state passed between chunks reset) and
+            ``"materialized"`` (the ``L × L`` matrices masked to same-segment pairs) modes.
+            An FFT convolution cannot reset its state, so ``"fft"`` (and ``"auto"``, which
+            resolves to it) runs the ``"chunked"`` mode when ``segment_ids`` is given
+            (``drop_kernel`` in training is then refused). None: one sequence per row.
 
         Returns:
           ``y (B, L, d_output)``, or ``(y, state)`` with ``return_state``.
@@ -387,6 +445,17 @@ class LTISSM(nnx.Module):
             u = jnp.where(mask[..., None], u, 0)
         mode = auto_mode(L, self._AUTO_LAYER) if self.mode == "auto" else self.mode
         drop = self.drop_kernel > 0 and not self.kernel_dropout.deterministic
+        pack = None
+        if segment_ids is not None:
+            pack = packing(segment_ids, mask, Bsz, L)
+            if drop:
+                raise ValueError(
+                    "drop_kernel drops taps of the FFT kernel, but with segment_ids the layer "
+                    "runs the 'chunked' mode (an FFT convolution cannot reset its state): "
+                    "call .eval() or leave drop_kernel at 0 for packed sequences"
+                )
+            if mode == "fft":
+                mode = "chunked"
         if drop and mode != "fft":
             raise ValueError(
                 f"drop_kernel drops taps of the kernel that mode='fft' forms; mode={mode!r} "
@@ -407,6 +476,7 @@ class LTISSM(nnx.Module):
                 u,
                 live,
                 _SCAN_BLOCK,
+                None if pack is None else pack.starts,
             )
             if C_b is not None:
                 # No state comes out of the backward direction: every position decays.
@@ -416,12 +486,22 @@ class LTISSM(nnx.Module):
                     u[:, ::-1],
                     None,
                     _SCAN_BLOCK,
+                    None if pack is None else pack.starts_bwd[:, ::-1],
                 )
                 y = y + y_b[:, ::-1]
         elif mode == "chunked":
             T = min(self.chunk_size, L)
             ops = self._chunk_ops(sys, C_f, T, False)
-            if C_b is not None:
+            if pack is not None:
+                y = chunked_ssm_conv_packed(
+                    u,
+                    ops,
+                    pack.starts,
+                    None if cstate is None else _to_real(cstate),
+                    ops_bwd=None if C_b is None else self._chunk_ops(sys, C_b, T, True),
+                    starts_bwd=pack.starts_bwd,
+                )
+            elif C_b is not None:
                 y = chunked_ssm_conv_bidirectional(u, ops, self._chunk_ops(sys, C_b, T, True))
             elif return_state and mask is None:
                 rstate = None if cstate is None else _to_real(cstate)
@@ -439,13 +519,25 @@ class LTISSM(nnx.Module):
                     y = fft_conv(u, k_f)
                 else:
                     y = fft_conv_bidirectional(u, k_f, k_b)
-            else:  # materialized
+            elif pack is None:  # materialized
                 y = jnp.einsum("chts,bsh->btch", self._matrices(sys, L, dtype), u)
+            else:  # materialized, entries between different segments zeroed
+                same = pack.labels[:, :, None] == pack.labels[:, None, :]
+                y = jnp.einsum("chts,bts,bsh->btch", self._matrices(sys, L, dtype), same, u)
             if cstate is not None:
-                y = y + self._state_output(sys, C_f, cstate, L)
+                y_state = self._state_output(sys, C_f, cstate, L)
+                if pack is not None:  # the incoming state reaches the first segment only
+                    y_state = jnp.where((pack.labels == 0)[:, :, None, None], y_state, 0)
+                y = y + y_state
 
         if return_state and final is None:
-            final = self._final_state(sys, u, cstate, mask)
+            if pack is None:
+                final = self._final_state(sys, u, cstate, mask)
+            else:
+                u_last, keep = last_segment(u, pack)
+                if cstate is not None:
+                    cstate = jnp.where(keep[:, None, None], cstate, 0)
+                final = self._final_state(sys, u_last, cstate, mask)
         y = y + self.D[...].astype(dtype)[None, None] * u[:, :, None, :]
         if mask is not None:
             y = jnp.where(mask[:, :, None, None], y, 0)
@@ -656,9 +748,11 @@ class S4(LTISSM):
     def _scan_block(self, sys, C, strict):
         params = dplr_step_setup(*sys)
 
-        def block(x, u_blk, m_blk):
+        def block(x, u_blk, m_blk, r_blk):
             def one(x, inp):
-                u_t, m_t = inp
+                u_t, m_t, r_t = inp
+                if r_t is not None:  # a segment starts: the step reads a zero state
+                    x = jnp.where(r_t[:, None, None], 0, x)
                 x_new = dplr_step(params, x, u_t)
                 if m_t is not None:
                     x_new = jnp.where(m_t[:, None, None], x_new, x)
@@ -666,7 +760,8 @@ class S4(LTISSM):
                 return x_new, y
 
             m = None if m_blk is None else jnp.moveaxis(m_blk, 1, 0)
-            x_new, ys = jax.lax.scan(one, x, (jnp.moveaxis(u_blk, 1, 0), m))
+            r = None if r_blk is None else jnp.moveaxis(r_blk, 1, 0)
+            x_new, ys = jax.lax.scan(one, x, (jnp.moveaxis(u_blk, 1, 0), m, r))
             return x_new, jnp.moveaxis(ys, 0, 1)
 
         return block

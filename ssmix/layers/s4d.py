@@ -190,13 +190,17 @@ class S4D(LTISSM):
         log_dA, dB = sys
         dA = jnp.exp(log_dA)
 
-        def block(x, u_blk, m_blk):
+        def block(x, u_blk, m_blk, r_blk):
             b = dB * u_blk[..., None]  # (B, T, H, N/2)
             # Padded positions keep the state: decay 1 and (already zero) input.
             a = dA if m_blk is None else jnp.where(m_blk[:, :, None, None], dA, 1)
+            if r_blk is not None:  # a segment starts: decay 0 drops the state before it
+                a = jnp.where(r_blk[:, :, None, None], 0, a)
             states, x_new = linear_scan(a, b, x)
             if strict:
                 states = jnp.concatenate([x[:, None], states[:, :-1]], axis=1)
+                if r_blk is not None:  # the strict output at a start reads the zero state
+                    states = jnp.where(r_blk[:, :, None, None], 0, states)
             return x_new, 2 * jnp.real(jnp.einsum("bthn,chn->btch", states, C))
 
         return block

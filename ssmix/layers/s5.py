@@ -74,6 +74,7 @@ from ssmix.layers.base import (
     mask_ends,
     ssm_dtype,
 )
+from ssmix.layers.s4 import last_segment, packing
 
 __all__ = ["S5", "S5_INITS", "C_INITS", "MODES", "auto_mode"]
 
@@ -338,7 +339,7 @@ class S5(nnx.Module):
             Lambda_bar, B_bar, C, D, L, bidirectional=self.bidirectional, conj_sym=self.conj_sym
         )
 
-    def __call__(self, x, mask=None, state=None, return_state: bool = False):
+    def __call__(self, x, mask=None, state=None, return_state: bool = False, *, segment_ids=None):
         """Apply the layer.
 
         Args:
@@ -349,6 +350,14 @@ class S5(nnx.Module):
             its last valid position.
           state: optional complex ``(B, P_s)`` state before the sequence (causal only).
           return_state: also return the state after the sequence (causal only).
+          segment_ids: packed sequences: an integer ``(B, L)`` array, equal neighbouring ids
+            = same document (as :func:`~ssmix.kernels.scan.linear_scan`); the state is reset
+            where the id changes, so each segment's outputs equal running it alone (both
+            directions when bidirectional), in every mode: the scans take ``segment_ids``,
+            ``"materialized"`` zeroes the ``(H, H, L, L)`` entries between different
+            segments. ``state`` enters only the first segment and the returned state is the
+            last segment's (with a mask: right after the last valid position). None: one
+            sequence per row.
 
         Returns:
           ``y (B, L, H)``, or ``(y, state)`` with ``return_state``.
@@ -371,23 +380,44 @@ class S5(nnx.Module):
         Lambda_bar, B_bar, C, D = self._system(dtype)
         x0 = None if state is None else state.astype(C.dtype)
         mode = auto_mode(L) if self.mode == "auto" else self.mode
+        pack = None if segment_ids is None else packing(segment_ids, mask, Bsz, L)
 
         final = None
         if mode == "materialized":
             M = s5_matrix(
                 Lambda_bar, B_bar, C, D, L, bidirectional=self.bidirectional, conj_sym=self.conj_sym
             )
-            y = jnp.einsum("ijts,bsj->bti", M, u)
+            if pack is None:
+                y = jnp.einsum("ijts,bsj->bti", M, u)
+            else:  # entries between different segments zeroed
+                same = pack.labels[:, :, None] == pack.labels[:, None, :]
+                y = jnp.einsum("ijts,bts,bsj->bti", M, same, u)
             if x0 is not None:
-                y = y + self._state_output(Lambda_bar, C, x0, L)
+                y_state = self._state_output(Lambda_bar, C, x0, L)
+                if pack is not None:  # the incoming state reaches the first segment only
+                    y_state = jnp.where((pack.labels == 0)[..., None], y_state, 0)
+                y = y + y_state
             if return_state:
-                final = self._final_state_closed_form(Lambda_bar, B_bar, u, x0, mask)
+                if pack is None:
+                    final = self._final_state_closed_form(Lambda_bar, B_bar, u, x0, mask)
+                else:
+                    u_last, keep = last_segment(u, pack)
+                    x0_last = None if x0 is None else jnp.where(keep[:, None], x0, 0)
+                    final = self._final_state_closed_form(Lambda_bar, B_bar, u_last, x0_last, mask)
         else:
             kw = dict(method=mode, chunk_size=self.chunk_size)
-            states, last = s5_states(Lambda_bar, B_bar, u, initial_state=x0, **kw)
+            # The causal scan resets where pack.starts says (only before each row's end with
+            # a mask): its labels are ids with exactly those changes.
+            ids_f = None if pack is None else pack.labels
+            ids_b = None if pack is None else segment_ids
+            states, last = s5_states(
+                Lambda_bar, B_bar, u, initial_state=x0, segment_ids=ids_f, **kw
+            )
             states_bwd = None
             if self.bidirectional:
-                states_bwd = s5_states(Lambda_bar, B_bar, u, reverse=True, **kw)[0]
+                states_bwd = s5_states(Lambda_bar, B_bar, u, reverse=True, segment_ids=ids_b, **kw)[
+                    0
+                ]
             y = s5_output(C, states, states_bwd, D, u, conj_sym=self.conj_sym)
             if return_state:
                 final = last if mask is None else self._state_at_length(states, x0, mask)
