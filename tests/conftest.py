@@ -1,5 +1,6 @@
 """Shared test fixtures. Exactness tests run under float64 through the `x64` fixture."""
 
+import contextlib
 import os
 
 # XLA:CPU's multi-threaded Eigen pool can deadlock when a batched LAPACK call (or a threaded
@@ -54,3 +55,28 @@ def _restore_package_logging():
             log.removeHandler(handler)
         log.propagate = True
         log.setLevel(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path):
+    """Cache every compiled executable under ``path`` while the block runs (then restore the
+    settings): tests that build the same jitted steps several times (a run, its resume, its
+    evaluation) load them instead of compiling again."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    saved = {name: getattr(jax.config, name) for name in names}
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()

@@ -14,7 +14,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 from experiments.lra import evaluate as lra_evaluate
 from experiments.lra import export as lra_export
@@ -24,6 +23,7 @@ from experiments.lra.data import eval_batches
 from experiments.lra.listops import main as listops_main
 from experiments.lra.listops import write_listops
 from experiments.lra.pathfinder import write_pathfinder
+from tests.conftest import persistent_compilation_cache
 
 S4D = {"d_state": 4, "bidirectional": False, "init": "legs", "mode": "fft"}
 
@@ -33,22 +33,8 @@ def shared_compilations(tmp_path_factory):
     """A persistent compilation cache for the module: every Experiment of the run's config
     (training, full restore, evaluation) compiles the same evaluation step, so all but the
     first load it instead of compiling it again."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    saved = {name: getattr(jax.config, name) for name in names}
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")):
         yield
-    finally:
-        for name, value in saved.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from experiments.lra import train as lra_train
 from experiments.lra.configs import make_config
 from experiments.lra.listops import write_listops
 from ssmix.testing import assert_close
+from tests.conftest import persistent_compilation_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,22 +45,8 @@ def shared_compilations(tmp_path):
     """A persistent compilation cache for the test: the three 1-device runs of a model
     compile the same train and eval steps (only the run name differs), so the second and
     third runs load the first's executables instead of compiling again (~2/3 of the time)."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    saved = {name: getattr(jax.config, name) for name in names}
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:
+    with persistent_compilation_cache(tmp_path / "xla_cache"):
         yield
-    finally:
-        for name, value in saved.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
 
 
 def _overrides(data_dir, out_dir, model, **extra):
