@@ -14,7 +14,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from ssmix.layers import S4, S4D, S5
@@ -55,7 +54,15 @@ def _layout(ids, lengths):
             back_k[r, s0:s1] = k
             back_pos[r, s0:s1] = np.arange(s1 - s0)
             last_k[r] = k
-    return np.array(rows), np.array(times), np.array(valid), np.array(first), back_k, back_pos, last_k
+    return (
+        np.array(rows),
+        np.array(times),
+        np.array(valid),
+        np.array(first),
+        back_k,
+        back_pos,
+        last_k,
+    )
 
 
 def _per_segment(layer, x, x0, ids, lengths, causal):
@@ -80,80 +87,170 @@ def _zero_padding(y):
     return jnp.where(jnp.asarray(MASK)[..., None], y, 0)
 
 
-def _check_layer(make, modes, ref_mode, grad_mode):
-    """Packed == per segment for every mode of ``make(bidirectional, mode)``: causal with a
-    state in and out, with and without right padding; bidirectional with and without padding.
-    Gradients (input, incoming state, parameters) in ``grad_mode``."""
-    causal, bidir = make(False), make(True)
-    kx, ks = jax.random.split(jax.random.PRNGKey(0))
+def _run(f, *args):
+    """``jax.jit(f)(*args)`` compiled at XLA's lowest CPU optimisation level: these programs
+    run once on tiny shapes, so compiling is all their cost."""
+    options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    return jax.jit(f).lower(*args).compile(compiler_options=options)(*args)
+
+
+def _inputs(layer):
+    kx, kr, ki = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (2, L, H))
-    x0 = causal.init_state(2)
-    x0 = x0 + (jax.random.normal(ks, x0.shape) + 1j * jax.random.normal(ks, x0.shape)).astype(
-        x0.dtype
-    )
-    full = np.full(2, L)
-    mask = jnp.asarray(MASK)
+    x0 = layer.init_state(2)
+    x0 = x0 + (jax.random.normal(kr, x0.shape) + 1j * jax.random.normal(ki, x0.shape))
+    return x, x0.astype(layer.init_state(1).dtype)
 
-    def reference(ref_mode):
-        c, b = _with_mode(causal, ref_mode), _with_mode(bidir, ref_mode)
-        return (
-            _per_segment(c, x, x0, IDS, full, True),
-            _per_segment(c, x, x0, IDS_PAD, LENGTHS, True),
-            _per_segment(b, x, x0, IDS, full, False),
-            _per_segment(b, x, x0, IDS_PAD, LENGTHS, False),
-        )
 
-    refs = {m: jax.jit(lambda m=m: reference(m))() for m in {ref_mode, "materialized"}}
+def _check_modes(make, modes, *, full=True):
+    """Packed == per segment for every mode of the layers ``make(bidirectional)``, in one
+    program: causal with a state in and out (with ``full``, also right-padded),
+    bidirectional (with ``full``, also right-padded). The reference runs every segment
+    alone through the unpacked ``"materialized"`` mode."""
+    causal, bidir = make(False), make(True)
+    x, x0 = _inputs(causal)
+    lengths = np.full(2, L)
+    mask, ids, ids_pad = jnp.asarray(MASK), jnp.asarray(IDS), jnp.asarray(IDS_PAD)
 
-    for mode in modes:
-        c, b = _with_mode(causal, mode), _with_mode(bidir, mode)
+    def calls(c, b, packed):
+        if packed:
+            out = [c(x, state=x0, return_state=True, segment_ids=ids), b(x, segment_ids=ids)]
+            if full:
+                out.append(c(x, mask=mask, state=x0, return_state=True, segment_ids=ids_pad))
+                out.append(b(x, mask=mask, segment_ids=ids_pad))
+            return out
+        out = [_per_segment(c, x, x0, IDS, lengths, True)]
+        out.append(_per_segment(b, x, x0, IDS, lengths, False))
+        if full:
+            y, final = _per_segment(c, x, x0, IDS_PAD, LENGTHS, True)
+            out.append((_zero_padding(y), final))
+            out.append(_zero_padding(_per_segment(b, x, x0, IDS_PAD, LENGTHS, False)))
+        return out
 
-        @jax.jit
-        def packed(x, x0, c=c, b=b):
-            ids, ids_pad = jnp.asarray(IDS), jnp.asarray(IDS_PAD)
-            return (
-                c(x, state=x0, return_state=True, segment_ids=ids),
-                c(x, mask=mask, state=x0, return_state=True, segment_ids=ids_pad),
-                b(x, segment_ids=ids),
-                b(x, mask=mask, segment_ids=ids_pad),
+    def program(x, x0):
+        got = {
+            "ref": calls(
+                _with_mode(causal, "materialized"), _with_mode(bidir, "materialized"), False
             )
+        }
+        for mode in modes:
+            got[mode] = calls(_with_mode(causal, mode), _with_mode(bidir, mode), True)
+        return got
 
-        got = packed(x, x0)
-        ref = refs[ref_mode if mode == "materialized" else "materialized"]
-        assert_close(ref[0], got[0], name=f"{mode} causal")
-        assert_close(
-            (_zero_padding(ref[1][0]), ref[1][1]), got[1], name=f"{mode} causal, padded"
-        )
-        assert_close(ref[2], got[2], name=f"{mode} bidirectional")
-        assert_close(_zero_padding(ref[3]), got[3], name=f"{mode} bidirectional, padded")
+    got = _run(program, x, x0)
+    names = ["causal", "bidirectional", "causal, padded", "bidirectional, padded"]
+    for mode in modes:
+        for name, ref, out in zip(names[: len(got["ref"])], got["ref"], got[mode], strict=True):
+            assert_close(ref, out, name=f"{mode} {name}")
 
-    # Gradients: the packed layer in grad_mode against the per-segment materialized one.
-    cot = jax.random.normal(jax.random.PRNGKey(1), (2, L, causal.d_output))
-    graph, params = nnx.split(_with_mode(causal, grad_mode))
-    graph_ref, _ = nnx.split(_with_mode(causal, "materialized"))
+
+def _same_program(layer, mode_a, mode_b):
+    """The packed call traces to the same program in ``mode_a`` as in ``mode_b``."""
+    x, x0 = _inputs(layer)
+    ids = jnp.asarray(IDS)
+
+    def trace(mode):
+        lay = _with_mode(layer, mode)
+        return str(jax.make_jaxpr(lambda x: lay(x, segment_ids=ids))(x))
+
+    assert trace(mode_a) == trace(mode_b)
+
+
+def _check_grads(layer, mode):
+    """Gradients (input, incoming state, parameters) of the packed layer in ``mode``, with a
+    state in and out, against every segment run alone (``"materialized"`` mode)."""
+    x, x0 = _inputs(layer)
+    cot = jax.random.normal(jax.random.PRNGKey(1), (2, L, layer.d_output))
+    graph, params = nnx.split(_with_mode(layer, mode))
+    graph_ref, _ = nnx.split(_with_mode(layer, "materialized"))
+    lengths = np.full(2, L)
 
     def loss_packed(params, x, x0):
         y, s = nnx.merge(graph, params)(x, state=x0, return_state=True, segment_ids=IDS)
         return jnp.sum(y * cot) + jnp.sum(jnp.abs(s) ** 2)
 
     def loss_ref(params, x, x0):
-        y, s = _per_segment(nnx.merge(graph_ref, params), x, x0, IDS, full, True)
+        y, s = _per_segment(nnx.merge(graph_ref, params), x, x0, IDS, lengths, True)
         return jnp.sum(y * cot) + jnp.sum(jnp.abs(s) ** 2)
 
-    grads = [jax.jit(jax.grad(f, argnums=(0, 1, 2)))(params, x, x0) for f in (loss_ref, loss_packed)]
-    assert_close(grads[0], grads[1], name=f"{grad_mode} gradients")
+    def program(params, x, x0):
+        return [jax.grad(f, argnums=(0, 1, 2))(params, x, x0) for f in (loss_ref, loss_packed)]
+
+    ref, got = _run(program, params, x, x0)
+    assert_close(ref, got, name=f"{mode} gradients")
 
 
 def _s4d(init="legs"):
     def make(bidirectional, mode="chunked"):
-        return S4D(H, N, init=init, chunk_size=CHUNK, bidirectional=bidirectional, mode=mode,
-                   param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        return S4D(
+            H,
+            N,
+            init=init,
+            chunk_size=CHUNK,
+            bidirectional=bidirectional,
+            mode=mode,
+            param_dtype=jnp.float64,
+            rngs=nnx.Rngs(0),
+        )
 
     return make
 
 
-S4_MODES = ("scan", "chunked", "fft", "auto", "materialized")
+def _s4(bidirectional, mode="chunked"):
+    return S4(
+        H,
+        N,
+        chunk_size=CHUNK,
+        bidirectional=bidirectional,
+        mode=mode,
+        param_dtype=jnp.float64,
+        rngs=nnx.Rngs(0),
+    )
+
+
+def _s5(ptd=False):
+    def make(bidirectional, mode="chunked"):
+        cls = S5PTD if ptd else S5
+        return cls(
+            H,
+            N,
+            chunk_size=CHUNK,
+            bidirectional=bidirectional,
+            mode=mode,
+            param_dtype=jnp.float64,
+            rngs=nnx.Rngs(0),
+        )
+
+    return make
 
 
 def test_s4d_packed(x64):
-    _check_layer(_s4d(), S4_MODES, "scan", "chunked")
+    make = _s4d()
+    _check_modes(make, ("scan", "chunked", "materialized"))
+    # "fft" and "auto" run the chunked form with segment_ids: the very same program.
+    _same_program(make(True), "fft", "chunked")
+    _same_program(make(False), "auto", "chunked")
+    _check_grads(make(False), "chunked")
+
+
+def test_s4_packed(x64):
+    _check_modes(_s4, ("scan", "chunked", "materialized"))
+    _same_program(_s4(False), "fft", "chunked")
+    _check_grads(_s4(False), "scan")
+
+
+def test_s5_packed(x64):
+    _check_modes(_s5(), ("chunked", "materialized"))
+    _check_modes(_s5(), ("sequential", "associative", "parallel"), full=False)
+    _check_grads(_s5()(False), "parallel")
+
+
+def test_ptd_packed(x64):
+    _check_modes(
+        lambda b: S4PTD(
+            H, N, chunk_size=CHUNK, bidirectional=b, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+        ),
+        ("chunked",),
+        full=False,
+    )
+    _check_modes(_s5(ptd=True), ("chunked",), full=False)
