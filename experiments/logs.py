@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 _HANDLER_NAME = "ssmix-cli"
 PACKAGE_LOGGERS = ("experiments", "ssmix")
@@ -55,3 +56,10 @@ def setup_logging(level: int | str = logging.INFO, *, fmt: str | None = None) ->
         handler.setLevel(level)
         handler.setFormatter(formatter)
     logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def program_name(module: str) -> str:
+    """The name a command's usage line shows: the console script's (``ssmix-lra-train``)
+    when run as one, else ``python -m <module>``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("ssmix-") else f"python -m {module}"

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from experiments.logs import setup_logging
+from experiments.logs import program_name, setup_logging
 from experiments.lra.configs import make_config
 from experiments.lra.data import load_listops
 from experiments.lra.listops import write_listops
@@ -79,7 +79,7 @@ def ensure_data(
 def build_parser() -> argparse.ArgumentParser:
     """The demo's argument parser."""
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.lra.demo",
+        prog=program_name("experiments.lra.demo"),
         description=__doc__.splitlines()[0],
         epilog="data/ and runs/ are the repository's inside a git checkout, else under the "
         "current directory. Exit status: 0 done, 1 error, 2 usage error, 130 interrupted.",

@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.logs import setup_logging
+from experiments.logs import program_name, setup_logging
 from experiments.lra.configs import Config
 from experiments.lra.data import eval_batches
 from experiments.lra.train import (
@@ -282,7 +282,9 @@ def evaluate_checkpoint(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns 1 after an error (logged as one line)."""
-    parser = argparse.ArgumentParser(description="Evaluate an LRA checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog=program_name("experiments.lra.evaluate"), description="Evaluate an LRA checkpoint."
+    )
     parser.add_argument("run", nargs="?", default=None, help="run directory or step folder")
     parser.add_argument("--checkpoint", default=None, help="the same as RUN (kept for scripts)")
     parser.add_argument("--data", default=None, help="dataset folder (default: the run's)")

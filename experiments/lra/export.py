@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments.logs import setup_logging
+from experiments.logs import program_name, setup_logging
 from experiments.lra.configs import Config
 
 logger = logging.getLogger("experiments.lra")
@@ -358,8 +358,9 @@ def describe(exported: Exported, path: str | os.PathLike) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns 1 after an error (printed as one line)."""
     parser = argparse.ArgumentParser(
+        prog=program_name("experiments.lra.export"),
         description="Export a trained LRA model (parameters, BatchNorm statistics, config) "
-        "to one .npz file that load_exported() rebuilds without the optimiser."
+        "to one .npz file that load_exported() rebuilds without the optimiser.",
     )
     parser.add_argument("run", nargs="?", help="run directory or checkpoint step folder")
     parser.add_argument("--step", default=None, help="best (default), latest or a step number")

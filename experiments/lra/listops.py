@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.logs import setup_logging
+from experiments.logs import program_name, setup_logging
 from experiments.lra.data import DATA_ROOT
 
 logger = logging.getLogger(__name__)  # experiments.lra.listops
@@ -168,7 +168,9 @@ def write_listops(
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m experiments.lra.listops --out data/listops-1000 [--n-train N ...]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=program_name("experiments.lra.listops"), description=__doc__.splitlines()[0]
+    )
     parser.add_argument(
         "--out",
         default=None,

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.logs import setup_logging
+from experiments.logs import program_name, setup_logging
 from experiments.lra.data import PATHFINDER_DIFFICULTY
 
 logger = logging.getLogger(__name__)
@@ -244,7 +244,9 @@ def write_pathfinder(
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m experiments.lra.pathfinder --out data/pathfinder32 --resolution 32``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=program_name("experiments.lra.pathfinder"), description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", default=None, help="default: data/pathfinder<resolution>")
     parser.add_argument("--resolution", type=int, default=32, help="32 (Pathfinder) or 128")
     parser.add_argument("--n-samples", type=int, default=10_000)

@@ -22,7 +22,7 @@ import math
 import sys
 from pathlib import Path
 
-from experiments.logs import setup_logging
+from experiments.logs import program_name, setup_logging
 from experiments.lra.configs import MODELS, TASKS
 
 logger = logging.getLogger("experiments.lra")
@@ -214,7 +214,10 @@ def to_markdown(groups: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: print the markdown table; write ``--json`` / ``--markdown``."""
-    parser = argparse.ArgumentParser(description="Collect LRA run summaries into a table.")
+    parser = argparse.ArgumentParser(
+        prog=program_name("experiments.lra.results"),
+        description="Collect LRA run summaries into a table.",
+    )
     parser.add_argument("runs", nargs="+", help="run directories, globs, or folders of runs")
     parser.add_argument("--json", default=None, help="write the groups as JSON here")
     parser.add_argument("--markdown", default=None, help="write the markdown table here")

@@ -84,7 +84,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments.logs import setup_logging
+from experiments.logs import program_name, setup_logging
 from experiments.lra.configs import (
     MODELS,
     PRESETS,
@@ -1253,7 +1253,7 @@ def python_command() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser (see the module docstring)."""
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.lra.train",
+        prog=program_name("experiments.lra.train"),
         description="Train an ssmix model on an LRA task.",
         epilog=PATHS_HELP + " Exit status: 0 done, 1 error, 2 usage error, 130 interrupted "
         "(Ctrl-C or SIGTERM; a checkpoint is saved first).",
