@@ -2,7 +2,8 @@
 
 Conventions follow the S4 line of work (state-spaces/s4, lindermanlab/S5, the PTD authors'
 code) so parameters move between ssmix and those projects unchanged; the formulas are collected
-in ``REFERENCE.md`` §1, §2 and §6. The continuous-time system is ``x'(t) = A x(t) + B u(t)``
+in the HiPPO (Gu et al. 2020), S4 / S4D (Gu et al. 2022) and PTD (Yu et al. 2024) papers.
+The continuous-time system is ``x'(t) = A x(t) + B u(t)``
 with state size ``N``. Conjugate-symmetric results keep ``N/2`` complex modes, one per
 conjugate pair: the one with **non-positive imaginary part** (the S4 code's convention), so a
 diagonal kernel is ``2·Re Σ_n C_n B̄_n Ā_n^ℓ`` over those modes.
@@ -67,7 +68,8 @@ def _fourier_skew(N: int, scale: float) -> np.ndarray:
 
 
 def transition(measure: str, N: int) -> tuple[np.ndarray, np.ndarray]:
-    """HiPPO continuous-time state matrices for ``measure`` (REFERENCE.md §1).
+    """HiPPO continuous-time state matrices for ``measure`` (HiPPO, Gu et al.
+    2020; S4, Gu et al. 2022).
 
     Args:
       measure: one of ``"legs"`` (scaled Legendre), ``"legt"`` (translated Legendre, halved as
@@ -229,7 +231,8 @@ def _half_eigh(AP: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def nplr(measure: str, N: int, rank: int = 1, *, b_clip: float | None = None) -> NPLR:
-    """Normal-plus-low-rank (DPLR in the eigenbasis) form of a HiPPO matrix (REFERENCE.md §1).
+    """Normal-plus-low-rank (DPLR in the eigenbasis) form of a HiPPO matrix (S4,
+    Gu et al. 2022).
 
     ``AP = A + Σ_r P_r P_rᵀ`` equals ``−c·I + S`` with ``S`` skew; its eigenvalues have real part
     ``−c`` (the mean of ``diag(AP)``) and the imaginary parts and unitary eigenvectors come from
@@ -287,7 +290,7 @@ class DiagInit(NamedTuple):
 def diag_init(
     kind: str, N: int, *, key: jax.Array | None = None, b_clip: float | None = S4_B_CLIP
 ) -> DiagInit:
-    """S4D diagonal initialisations (REFERENCE.md §2), ``N/2`` complex modes.
+    """S4D diagonal initialisations (S4D, Gu et al. 2022), ``N/2`` complex modes.
 
     With ``n = 0 … N/2−1``: ``"lin"`` (S4D-Lin) ``A_n = −½ − iπn``; ``"inv"`` (S4D-Inv)
     ``A_n = −½ − i(N/π)(N/(2n+1) − 1)``; ``"legs"`` (S4D-LegS) the eigenvalues of the LegS
@@ -331,7 +334,7 @@ def dt_init(
     dt_max: float = 1e-1,
     dtype=jnp.float32,
 ) -> jax.Array:
-    """Step sizes Δ drawn log-uniformly on ``[dt_min, dt_max]`` (REFERENCE.md §2).
+    """Step sizes Δ drawn log-uniformly on ``[dt_min, dt_max]`` (S4D, Gu et al. 2022).
 
     Args:
       key: JAX PRNG key.
@@ -646,7 +649,7 @@ def reconstruct(coeffs, measure: str, t, *, elapsed: float | None = None) -> np.
 
 
 # ---------------------------------------------------------------------------------------------
-# PTD: perturb-then-diagonalize (REFERENCE.md §6)
+# PTD: perturb-then-diagonalize (PTD, Yu et al. 2024)
 
 PTD_CACHE_FILE = "ptd_cache.npz"
 """File in ``ssmix/data`` holding the precomputed PTD tables (``scripts/build_ptd_cache.py``)."""
@@ -777,7 +780,7 @@ def ptd(
     return_info: bool = False,
 ) -> PTD | tuple[PTD, PTDInfo]:
     """Perturb-then-diagonalize the HiPPO matrix ``A``: a well-conditioned diagonalization of
-    ``A + E`` for a small complex perturbation ``E`` (REFERENCE.md §6, Yu et al. 2024).
+    ``A + E`` for a small complex perturbation ``E`` (PTD, Yu et al. 2024).
 
     For ``"legs"`` the perturbed matrix is the full (non-normal) HiPPO-LegS ``A`` of
     :func:`transition`, as in the PTD paper, not its normal part. ``E`` starts uniform in

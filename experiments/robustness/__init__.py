@@ -1,4 +1,4 @@
-"""Robustness of diagonal SSM initialisations (REFERENCE.md §6): S4D-LegS vs S4-PTD.
+"""Robustness of diagonal SSM initialisations (PTD, Yu et al. 2024): S4D-LegS vs S4-PTD.
 
 Step 1 (:mod:`experiments.robustness.transfer`) compares the transfer functions of HiPPO-LegS,
 its S4D diagonal approximation and its PTD diagonalisation and locates S4D's spikes; step 2

@@ -22,7 +22,7 @@ optimiser of :mod:`ssmix.optim` (SSM parameters at their own learning rate, no w
 
 **Noise.** Every SSM layer's input gets ``a·cos(ω·Δ_h·ℓ)`` at position ``ℓ`` and feature
 ``h``, with ``Δ_h`` that layer's (trained) step and ``a = 0.1·U[0, 1)`` drawn per sequence
-and layer (REFERENCE.md §6): in each feature's own time units the input oscillates at the
+and layer (PTD, Yu et al. 2024): in each feature's own time units the input oscillates at the
 continuous frequency ω. The frequencies are S4D's spikes from step 1
 (:mod:`experiments.robustness.transfer`), plus a control frequency away from them.
 """

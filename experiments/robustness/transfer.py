@@ -1,6 +1,7 @@
 """Step 1 of the robustness study: transfer functions of HiPPO-LegS and its diagonal forms.
 
-Three single-input single-output systems of state size ``N`` (REFERENCE.md §1, §2, §6), all
+Three single-input single-output systems of state size ``N`` (HiPPO-LegS; S4D-LegS, Gu et
+al. 2022; PTD, Yu et al. 2024), all
 read out by ``c = b = √(2n+1)`` (the LegS reconstruction of the current input value, so
 ``G(0) = 1`` for HiPPO):
 

@@ -3,7 +3,7 @@
 The S4 system per feature is ``A = diag(Λ) − Σ_r P_r P_r*`` in the HiPPO eigenbasis, over the
 full state: the ``N/2`` stored half modes plus their conjugates (``Λ_full = [Λ, Λ̄]``,
 ``P_full = [P, P̄]``, ``B_full = [B, B̄]``, ``C_full = [C, C̄]``), discretised by the bilinear
-rule (REFERENCE.md §3–§4). Its kernel ``K_ℓ = C_full Ā^ℓ B̄_full`` is real.
+rule (S4 and S4D, Gu et al. 2022). Its kernel ``K_ℓ = C_full Ā^ℓ B̄_full`` is real.
 
 Shapes: ``Lambda, B (H, N/2)`` complex; ``P (rank, H, N/2)`` complex (rank 1 may be passed as
 ``(H, N/2)``); ``C (H, N/2)`` or ``(C, H, N/2)`` complex, the true output matrix; ``dt (H,)``.
@@ -11,7 +11,7 @@ Shapes: ``Lambda, B (H, N/2)`` complex; ``P (rank, H, N/2)`` complex (rank 1 may
 - :func:`dplr_ssm_kernel`: the kernel from its generating function at the roots of unity
   ``ω_k = exp(−2πik/L)``. With ``C̃ = C(I − Ā^L)`` the length-``L`` truncation is exact:
   ``Σ_{ℓ<L} K_ℓ ω^ℓ = C̃ (I − ωĀ)⁻¹ B̄ = 2·C̃ [(2/Δ)(1 − ω) I − (1 + ω) A]⁻¹ B``. Written this
-  way (the REFERENCE form multiplied through by ``1 + ω``) it has no pole at ``ω = −1``; the
+  way (the textbook form multiplied through by ``1 + ω``) it has no pole at ``ω = −1``; the
   diagonal part gives Cauchy sums ``Σ_n a_n b_n / ((2/Δ)(1 − ω) − (1 + ω) Λ_n)`` and the
   rank-``r`` term a Woodbury correction. ``C̃`` is formed internally from the true ``C``, so
   any length works: ``C Ā^L`` comes from the real dense ``Ā`` by repeated squaring. The
@@ -333,7 +333,7 @@ def dplr_diagonalize(Lambda, P, B, C, dt):
 
     ``Ā = V diag(λ) V⁻¹`` on the real state ``[Re x, Im x]``; the diagonal system
     ``z_t = λ z_{t−1} + b u_t``, ``y_t = Re(c z_t)`` has the same kernel ``Re Σ c b λ^ℓ``.
-    For HiPPO matrices ``V`` is badly conditioned (REFERENCE.md §6), so this form loses
+    For HiPPO matrices ``V`` is badly conditioned (PTD, Yu et al. 2024), so this form loses
     accuracy as N grows; it runs on the host (``jnp.linalg.eig`` is CPU-only) and is not
     differentiable with respect to the eigenvectors.
 

@@ -333,7 +333,8 @@ class TensorAttention(_Projected):
     (``q̂ = q / √(‖q‖² + 1e-12)``, so ``‖q̂‖ < 1``) and scaled by ``ρ`` instead of 1/√d, so
     every score ``x = ρ·Σ_k q̂_k k̂1_k k̂2_k`` satisfies
     ``|x| ≤ ρ·‖q̂‖₂·‖k̂1‖₂·‖k̂2‖_∞ ≤ ρ`` for any input, however large. The approximation
-    theory of this method assumes bounded entries (REFERENCE §8: o(∛log n)); here the bound
+    theory of this method assumes bounded entries (Alman & Song 2023: o(∛log n)); here the
+    bound
     holds by construction, and the error bound of
     :func:`ssmix.kernels.attention.tensor_attention_error_bound` becomes, with
     ``ε = ρ^(p+1)·e^ρ/(p+1)!``: every mixer output of channel c (before the output projection)

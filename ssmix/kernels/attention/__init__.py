@@ -1,7 +1,8 @@
 """Softmax attention, Kronecker attention (KAO) and tensor / 2-simplicial attention kernels.
 
-Pure functions over jax arrays (REFERENCE §8), one module per family, each fast form with its
-reference beside it:
+Pure functions over jax arrays (Kronecker attention, Gao & Ji 2020; tensor attention,
+Alman & Song 2023; 2-simplicial attention, Clift et al. 2019), one module per family,
+each fast form with its reference beside it:
 
 - :mod:`~ssmix.kernels.attention.softmax`: :func:`softmax_attention`, the materialized
   reference (``block_size=None``) and a blocked online-softmax form whose forward and backward

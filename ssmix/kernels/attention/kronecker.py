@@ -126,7 +126,8 @@ def kao(
     values: jax.Array | None = None,
     mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Kronecker attention operator (KAO, REFERENCE §8) on an image or video grid.
+    """Kronecker attention operator (KAO; Gao & Ji 2020) on an image or
+    video grid.
 
     Shapes: ``x (B, h, w, c)`` or ``(B, t, h, w, c)`` holds the queries; ``keys`` (same shape,
     default ``x``) and ``values`` (``(B, *grid, cv)``, default ``x``) are reduced to their

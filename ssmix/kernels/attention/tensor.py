@@ -145,7 +145,8 @@ def tensor_attention(
     degree: int = 4,
     block_size: int | tuple[int, int] | None = None,
 ) -> jax.Array:
-    """Tensor (triple-wise) attention, REFERENCE §8: one softmax over all n² key pairs.
+    """Tensor (triple-wise) attention (Alman & Song 2023): one softmax over all n² key
+    pairs.
 
     ``out_l = Σ_{i,j} softmax_{(i,j)}(scale · Σ_k q_lk k1_ik k2_jk) · (v1_i ∘ v2_j)``.
     Shapes: ``q, k1, k2 (B, n, d)``, ``v1, v2 (B, n, dv)`` -> ``(B, n, dv)``; fold heads into

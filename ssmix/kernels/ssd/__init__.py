@@ -49,7 +49,8 @@ segments; the forms never form ``dt·A = −∞``: every factor spanning a bound
 chunk, to or from a chunk's edge, across chunks) is masked to an exact zero before or after
 its exponential, so exponents stay ≤ 0 and gradients stay finite.
 
-The quasiseparable mixer of Hydra (REFERENCE §7) adds a backward SSD and a diagonal:
+The quasiseparable mixer of Hydra (Hwang et al. 2024; SSD: Dao & Gu 2024) adds a backward
+SSD and a diagonal:
 
     QS(x) = shift(SS_fw(x)) + flip(shift(SS_bw(flip(x)))) + diag·x,
 
@@ -64,7 +65,7 @@ Forward-mode differentiation (``jax.jvp``) of the chunked method is not supporte
 custom reverse-mode rule); the other methods support both.
 
 Signs: ``dt ≥ 0`` and ``A ≤ 0`` are what make the recurrence a decay (``exp(dt·A) ≤ 1``); a
-negative step or a positive rate grows the state exponentially (in the probe of issue 20 a
+negative step or a positive rate grows the state exponentially (in a probe a
 negative ``dt`` gave NaN and a positive ``A`` outputs of 2.5e17). :func:`ssd` and
 :func:`quasiseparable` check them with a ``ValueError`` when the arrays are concrete (an
 eager call); under ``jax.jit``, ``grad`` or ``vmap`` the values are tracers, unknown at trace

@@ -120,7 +120,8 @@ def segment_sums(a: jax.Array) -> jax.Array:
 
 
 def shift_later(y: jax.Array) -> jax.Array:
-    """Row t takes row t − 1 along axis 1; row 0 becomes zero (``shift`` in REFERENCE §7)."""
+    """Row t takes row t − 1 along axis 1; row 0 becomes zero (Hydra's ``shift``,
+    Hwang et al. 2024)."""
     return jnp.pad(y[:, :-1], ((0, 0), (1, 0)) + ((0, 0),) * (y.ndim - 2))
 
 
