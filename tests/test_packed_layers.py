@@ -14,10 +14,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from ssmix.layers import S4, S4D, S5
 from ssmix.layers.ptd import S4PTD, S5PTD
+from ssmix.layers.s5 import auto_mode as s5_auto_mode
 from ssmix.testing import assert_close
 
 H, N, L, CHUNK = 4, 4, 13, 4
@@ -102,17 +104,17 @@ def _inputs(layer):
     return x, x0.astype(layer.init_state(1).dtype)
 
 
-def _check_modes(make, modes, *, full=True):
+def _check_modes(make, modes, light_modes=()):
     """Packed == per segment for every mode of the layers ``make(bidirectional)``, in one
-    program: causal with a state in and out (with ``full``, also right-padded),
-    bidirectional (with ``full``, also right-padded). The reference runs every segment
-    alone through the unpacked ``"materialized"`` mode."""
+    program: causal with a state in and out, bidirectional, and both right-padded (only the
+    first two for ``light_modes``). The reference runs every segment alone through the
+    unpacked ``"materialized"`` mode."""
     causal, bidir = make(False), make(True)
     x, x0 = _inputs(causal)
     lengths = np.full(2, L)
     mask, ids, ids_pad = jnp.asarray(MASK), jnp.asarray(IDS), jnp.asarray(IDS_PAD)
 
-    def calls(c, b, packed):
+    def calls(c, b, packed, full=True):
         if packed:
             out = [c(x, state=x0, return_state=True, segment_ids=ids), b(x, segment_ids=ids)]
             if full:
@@ -135,12 +137,14 @@ def _check_modes(make, modes, *, full=True):
         }
         for mode in modes:
             got[mode] = calls(_with_mode(causal, mode), _with_mode(bidir, mode), True)
+        for mode in light_modes:
+            got[mode] = calls(_with_mode(causal, mode), _with_mode(bidir, mode), True, False)
         return got
 
     got = _run(program, x, x0)
     names = ["causal", "bidirectional", "causal, padded", "bidirectional, padded"]
-    for mode in modes:
-        for name, ref, out in zip(names[: len(got["ref"])], got["ref"], got[mode], strict=True):
+    for mode in (*modes, *light_modes):
+        for name, ref, out in zip(names[: len(got[mode])], got["ref"], got[mode], strict=False):
             assert_close(ref, out, name=f"{mode} {name}")
 
 
@@ -240,8 +244,8 @@ def test_s4_packed(x64):
 
 
 def test_s5_packed(x64):
-    _check_modes(_s5(), ("chunked", "materialized"))
-    _check_modes(_s5(), ("sequential", "associative", "parallel"), full=False)
+    _check_modes(_s5(), ("chunked", "materialized"), ("sequential", "associative", "parallel"))
+    _same_program(_s5()(True), "auto", s5_auto_mode(L))
     _check_grads(_s5()(False), "parallel")
 
 
@@ -250,7 +254,34 @@ def test_ptd_packed(x64):
         lambda b: S4PTD(
             H, N, chunk_size=CHUNK, bidirectional=b, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
         ),
+        (),
         ("chunked",),
-        full=False,
     )
-    _check_modes(_s5(ptd=True), ("chunked",), full=False)
+    _check_modes(_s5(ptd=True), (), ("chunked",))
+
+
+@pytest.mark.parametrize("make", [_s4d(), _s4, _s5()], ids=["S4D", "S4", "S5"])
+def test_segment_ids_errors(make, x64):
+    layer = make(False)
+    x = jnp.zeros((2, L, H))
+    with pytest.raises(
+        TypeError,
+        match=r"segment_ids must be an integer array of shape \(B, L\) = \(2, 13\) "
+        r"\(equal ids = same document\); got float64",
+    ):
+        layer(x, segment_ids=jnp.zeros((2, L)))
+    with pytest.raises(
+        ValueError, match=r"segment_ids must have shape \(B, L\) = \(2, 13\); got \(2, 12\)"
+    ):
+        layer(x, segment_ids=jnp.zeros((2, L - 1), jnp.int32))
+
+
+def test_segment_ids_refuse_kernel_dropout(x64):
+    layer = S4D(H, N, mode="fft", drop_kernel=0.1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    layer.train()
+    with pytest.raises(
+        ValueError,
+        match=r"drop_kernel drops taps of the FFT kernel, but with segment_ids the layer "
+        r"runs the 'chunked' mode",
+    ):
+        layer(jnp.zeros((2, L, H)), segment_ids=jnp.asarray(IDS), rngs=nnx.Rngs(dropout=0))
