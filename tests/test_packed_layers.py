@@ -2,11 +2,12 @@
 
 Every supported mode, causal and bidirectional, against every segment run alone (float64):
 the segments of the packed rows become rows of their own (right-padded, masked) run through the
-unpacked ``"materialized"`` mode (the ``"scan"`` / ``"sequential"`` one for the packed
-``"materialized"`` mode), with the incoming state in each row's first segment and the returned
-state the last segment's; packed rows with right padding (whose ids change inside the
-padding); gradients for one mode per layer; input validation. One jitted program per layer and
-mode.
+unpacked ``"materialized"`` mode (whose mask path, not its segment masking, is the reference
+for the packed ``"materialized"`` mode too), with the incoming state in each row's first
+segment and the returned state the last segment's; packed rows with right padding (whose ids
+change inside the padding); ``"fft"`` / ``"auto"`` tracing to the chunked program; gradients
+for one mode per layer; input validation. One jitted program per layer for all its modes, one
+per gradient check, compiled at XLA's lowest optimisation level.
 """
 
 from __future__ import annotations

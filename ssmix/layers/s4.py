@@ -35,6 +35,19 @@ under ``jit``. Without a mask an input position reaches every output in the ``"f
 (the FFT mixes all positions: a NaN anywhere makes every output NaN) and every output of its
 chunk in the ``"chunked"`` mode (``0·NaN`` in the in-chunk Toeplitz product); only the
 ``"scan"`` mode keeps a non-finite future input away from earlier outputs.
+
+Packed sequences (``segment_ids (B, L)``, integer; a segment is a run of equal neighbouring
+ids, as in :func:`~ssmix.kernels.scan.linear_scan`): every segment's outputs equal running it
+alone, in both directions when bidirectional. ``"scan"`` zeroes the state where a segment
+starts; ``"chunked"`` masks the in-chunk Toeplitz block to same-segment pairs, lets the state
+entering a chunk reach only the positions before its first start and resets the state passed
+on when the chunk holds a start (:func:`~ssmix.kernels.vandermonde.chunked_ssm_conv_packed`:
+the in-chunk product then costs ``O(B·H·L·chunk_size)`` memory, a masked copy of the input per
+output position); ``"materialized"`` zeroes the ``L × L`` entries between different segments.
+An FFT convolution cannot reset its state, so ``"fft"`` and ``"auto"`` run the ``"chunked"``
+mode when ``segment_ids`` is given. A state passed in enters only the first segment; the state
+returned is the last segment's. :meth:`LTISSM.step` is unchanged: a new segment starts from a
+fresh :meth:`LTISSM.init_state`.
 """
 
 from __future__ import annotations
@@ -570,7 +583,8 @@ class LTISSM(nnx.Module):
         return final
 
     def step(self, state, x_t):
-        """One step of the recurrence for autoregressive decoding.
+        """One step of the recurrence for autoregressive decoding (a new packed segment starts
+        from a fresh :meth:`init_state`).
 
         Args:
           state: complex ``(B, H, N/2)`` (from :meth:`init_state` or a previous call).

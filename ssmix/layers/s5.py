@@ -46,6 +46,14 @@ inside the graph, so also under ``jit``). Without a
 mask, the ``"sequential"`` and ``"associative"`` scans keep a non-finite input away from
 earlier outputs; the ``"chunked"`` / ``"parallel"`` closed-form chunks and ``"materialized"``
 multiply it by zero weights (``0·NaN``) into the earlier outputs of its chunk (or sequence).
+
+Packed sequences (``segment_ids (B, L)``, integer; a segment is a run of equal neighbouring
+ids): every segment's outputs equal running it alone, in every mode and both directions. The
+scans reset their state where a segment starts (``linear_scan(segment_ids=)``, the backward
+scan where the id changes seen from the right); ``"materialized"`` zeroes the
+``(H, H, L, L)`` entries between different segments. A state passed in enters only the first
+segment; the state returned is the last segment's. :meth:`S5.step` is unchanged: a new segment
+starts from a fresh :meth:`S5.init_state`.
 """
 
 from __future__ import annotations
