@@ -1,4 +1,4 @@
-"""S5: one multi-input multi-output diagonal SSM over all features (REFERENCE.md §5).
+"""S5: one multi-input multi-output diagonal SSM over all features (S5, Smith et al. 2023).
 
 With ``P`` complex modes ``Λ``, input matrix ``B (P, H)``, output matrix ``C (H, P)``,
 skip ``D (H,)`` and a step ``Δ (P,)`` per mode, the discrete system is
@@ -53,7 +53,7 @@ __all__ = [
     "s5_step",
 ]
 
-#: Discretisations of the diagonal system (REFERENCE.md §3).
+#: Discretisations of the diagonal system (S4D, Gu et al. 2022).
 DISCS = ("zoh", "bilinear")
 
 
@@ -326,7 +326,8 @@ def s5_ssm_naive(
     initial_state=None,
     return_state: bool = False,
 ):
-    """Reference for :func:`s5_ssm`: the formulas of REFERENCE.md §3 and a Python loop.
+    """Reference for :func:`s5_ssm`: the discretisation formulas (S4D, Gu et al.
+    2022) and a Python loop.
 
     Same arguments and results as :func:`s5_ssm` (no ``method``); slow, obviously right.
     """

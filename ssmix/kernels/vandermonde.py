@@ -1,7 +1,7 @@
 """Diagonal state-space kernels (S4D): discretisation, Vandermonde kernel, state forwarding.
 
 A diagonal SSM with ``N/2`` complex modes per feature (one mode of each conjugate pair) maps
-``u (B, L, H)`` to ``y_ℓ = Σ_{s≤ℓ} K_{ℓ−s} u_s`` with the kernel (REFERENCE.md §4)
+``u (B, L, H)`` to ``y_ℓ = Σ_{s≤ℓ} K_{ℓ−s} u_s`` with the kernel (S4D, Gu et al. 2022)
 
     K_ℓ = 2·Re Σ_n C_n B̄_n Ā_n^ℓ,     ℓ = 0 … L−1,
 
@@ -56,7 +56,8 @@ __all__ = [
     "vandermonde_kernel",
 ]
 
-#: Discretisations of a diagonal system (REFERENCE.md §3; "dss" is the DSS-softmax kernel).
+#: Discretisations of a diagonal system (S4D, Gu et al. 2022; "dss" is the DSS-softmax
+#: kernel).
 DISCS = ("zoh", "bilinear", "dss")
 
 
@@ -121,7 +122,7 @@ def discretize_diag(A, B, dt, disc: str = "zoh", *, l_norm: int | None = None):
 
 
 def _discretize_naive(A, B, dt, disc, l_norm):
-    """Ā and B̄ straight from the formulas of REFERENCE.md §3 (no logarithms)."""
+    """Ā and B̄ straight from the discretisation formulas (no logarithms)."""
     dt = dt if dt.ndim == 2 else dt[:, None]
     dtA = dt * A
     if disc == "zoh":

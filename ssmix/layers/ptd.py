@@ -1,4 +1,4 @@
-"""S4-PTD and S5-PTD (REFERENCE.md §6): thin factories over S4D and S5 with ``init="ptd"``.
+"""S4-PTD and S5-PTD (PTD, Yu et al. 2024): thin factories over S4D and S5 with ``init="ptd"``.
 
 Both start from :func:`ssmix.hippo.ptd`, a well-conditioned diagonalisation ``A + E = Ṽ Λ̃ Ṽ⁻¹``
 of HiPPO-LegS under a small perturbation ``E`` (real parts sign-fixed to ``−|Re Λ̃|``), whose

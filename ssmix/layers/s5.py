@@ -1,4 +1,4 @@
-"""The S5 layer: one multi-input multi-output diagonal SSM over all features (REFERENCE.md §5).
+"""The S5 layer: one multi-input multi-output diagonal SSM over all features (Smith et al. 2023).
 
 Parameters follow lindermanlab/S5 (names, layouts and the stored-mode convention), so they
 move between the two projects unchanged:
@@ -19,7 +19,7 @@ Initialisation (``init``):
   (``Λ`` tiled ``J`` times, ``V`` block-diagonal, ``V⁻¹ = V*``).
 - ``"ptd"`` (S5-PTD): ``(Λ̃, Ṽ, Ṽ⁻¹)`` of the perturbed-then-diagonalised HiPPO-LegS of size
   ``P/J`` (:func:`ssmix.hippo.ptd`, which applies the sign fix ``Re Λ ← −|Re Λ|`` of
-  REFERENCE.md §6), blocks as above. The perturbed spectrum is not conjugate-paired, so
+  PTD, Yu et al. 2024), blocks as above. The perturbed spectrum is not conjugate-paired, so
   ``conj_sym`` must be False.
 
 ``B ~ lecun_normal`` ``(P, H)`` (fan-in ``H``); ``C`` by ``C_init``: ``"trunc_standard_normal"``
