@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssmix._checks import check_choice, check_ndim, check_positive_int
+from ssmix.kernels.scan._common import check_segment_ids
 from ssmix.layers.base import check_step_input
 
 NORMS = ("layer", "batch", "rms")
@@ -200,6 +201,7 @@ class ResidualBlock(nnx.Module):
         self.mixer = mixer
         # Mixers with dropout inside (S4 / S4D drop_kernel) take the call's rngs too.
         self.mixer_takes_rngs = "rngs" in inspect.signature(mixer.__call__).parameters
+        self.mixer_takes_segments = "segment_ids" in inspect.signature(mixer.__call__).parameters
         self.prenorm = prenorm
         self.activation = activation
         self.glu = glu
@@ -232,8 +234,11 @@ class ResidualBlock(nnx.Module):
             y = z * jax.nn.sigmoid(dense(self.out, a))
         return drop(y)
 
-    def _mix(self, x, mask, rngs):
-        z = self.mixer(x, mask=mask, **({"rngs": rngs} if self.mixer_takes_rngs else {}))
+    def _mix(self, x, mask, rngs, segment_ids=None):
+        extra = {"rngs": rngs} if self.mixer_takes_rngs else {}
+        if segment_ids is not None:
+            extra["segment_ids"] = segment_ids
+        z = self.mixer(x, mask=mask, **extra)
         return self._output_map(z, lambda t: self.dropout(t, rngs=rngs))
 
     def _mlp(self, x, drop):
@@ -241,19 +246,34 @@ class ResidualBlock(nnx.Module):
         return drop(dense(self.mlp_out, h))
 
     def __call__(
-        self, x: jax.Array, mask: jax.Array | None = None, *, rngs: nnx.Rngs | None = None
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
         """Apply the block to ``x (B, L, H)`` with optional ``mask (B, L)`` (True = valid).
 
-        ``rngs`` supplies dropout keys in training mode (needed only when dropout > 0).
+        ``segment_ids (B, L)`` (packed sequences: equal ids = one document) goes to the
+        mixer, which resets its state where the id changes; the rest of the block works per
+        position (BatchNorm in training mode pools its statistics over the batch, as without
+        packing). ``rngs`` supplies dropout keys in training mode (needed only when
+        dropout > 0).
         """
         check_ndim("x", x, 3, "(batch, length, d_model)")
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x must have {self.d_model} features; got shape {x.shape}")
+        if segment_ids is not None and not self.mixer_takes_segments:
+            raise ValueError(
+                f"segment_ids (packed sequences) is not supported by the mixer "
+                f"{type(self.mixer).__name__}; mixers that take it: S4, S4D, S4PTD, S5, "
+                "S5PTD, Mamba2"
+            )
         if self.prenorm:
-            x = x + self._mix(self.norm(x, mask), mask, rngs)
+            x = x + self._mix(self.norm(x, mask), mask, rngs, segment_ids)
         else:
-            x = self.norm(x + self._mix(x, mask, rngs), mask)
+            x = self.norm(x + self._mix(x, mask, rngs, segment_ids), mask)
         if self.mlp_in is not None:
             drop = lambda t: self.dropout(t, rngs=rngs)  # noqa: E731
             if self.prenorm:
@@ -320,6 +340,19 @@ def sinusoids(t: jax.Array, d_model: int) -> jax.Array:
     angles = t * freqs
     pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     return pe.reshape(*angles.shape[:-1], -1)[..., :d_model]
+
+
+def _positions_in_segment(segment_ids: jax.Array) -> jax.Array:
+    """``(B, L)`` index of each position within its segment (a new segment starts where the
+    id differs from the previous position's)."""
+    segment_ids = jnp.asarray(segment_ids)
+    t = jnp.arange(segment_ids.shape[1])
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+        axis=1,
+    )
+    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+    return t - first
 
 
 def sinusoidal_positions(length: int, d_model: int) -> jax.Array:
@@ -460,9 +493,16 @@ class SequenceModel(nnx.Module):
         self.head = nnx.Linear(d_model, n_classes, rngs=rngs) if n_classes is not None else None
 
     def encode(
-        self, x: jax.Array, mask: jax.Array | None = None, *, rngs: nnx.Rngs | None = None
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """Run encoder and blocks: ``x (B, L)`` or ``(B, L, d_input)`` -> ``(B, L, d_model)``."""
+        """Run encoder and blocks: ``x (B, L)`` or ``(B, L, d_input)`` -> ``(B, L, d_model)``.
+
+        ``segment_ids (B, L)``: packed sequences (see :meth:`__call__`)."""
         if self.vocab_size is not None:
             check_ndim("x", x, 2, "(batch, length) integer tokens")
             if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -475,25 +515,44 @@ class SequenceModel(nnx.Module):
             raise ValueError(
                 f"mask must have shape {x.shape[:2]} (batch, length); got {mask.shape}"
             )
+        if segment_ids is not None:
+            segment_ids = check_segment_ids(segment_ids, *x.shape[:2])
         h = self.encoder(x) if self.vocab_size is not None else dense(self.encoder, x)
         if self.positional == "sinusoidal":
-            h = h + sinusoidal_positions(h.shape[1], h.shape[2]).astype(h.dtype)
+            if segment_ids is None:
+                h = h + sinusoidal_positions(h.shape[1], h.shape[2]).astype(h.dtype)
+            else:  # positions count from 0 in every document
+                h = h + sinusoids(_positions_in_segment(segment_ids), h.shape[2]).astype(h.dtype)
         for block in self.blocks:
-            h = block(h, mask, rngs=rngs)
+            h = block(h, mask, segment_ids=segment_ids, rngs=rngs)
         if self.final_norm is not None:
             h = self.final_norm(h, mask)
         return h
 
     def __call__(
-        self, x: jax.Array, mask: jax.Array | None = None, *, rngs: nnx.Rngs | None = None
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
         """Classify ``x``: logits ``(B, n_classes)`` (or pooled features ``(B, d_model)``);
         with ``head="token"``, per-position logits ``(B, L, n_classes)`` (or ``(B, L,
         d_model)`` features).
 
         ``mask (B, L)`` marks valid positions (right padding); ``rngs`` gives dropout keys.
+        ``segment_ids (B, L)`` (integers, equal ids = one document) packs several documents
+        in a row: every mixer resets its state where the id changes and sinusoidal positions
+        restart, so each document's outputs equal running it alone (eval mode); it needs
+        ``head="token"`` (a pooled head would mix the documents) and mixers that take it.
         """
-        h = self.encode(x, mask, rngs=rngs)
+        if segment_ids is not None and self.head_kind != "token":
+            raise ValueError(
+                "segment_ids (packed sequences) needs head='token': a pooled head would mix "
+                "the documents of a row"
+            )
+        h = self.encode(x, mask, segment_ids=segment_ids, rngs=rngs)
         if self.head_kind == "token":
             return dense(self.head, h) if self.head is not None else h
         h = pool(h, mask, self.pooling)
