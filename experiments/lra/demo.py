@@ -150,9 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     majority, _ = Counter(data.train.labels.tolist()).most_common(1)[0]
     baseline = float((data.test.labels == majority).mean())
     test = summary["test"]
+    best = summary.get("best") or {}
+    at_best = ""
+    if best.get("test") and best.get("step") != summary["step"]:
+        at_best = (
+            f" (at the best validation step {best['step']}, as papers report: "
+            f"{best['test']['accuracy']:.4f})"
+        )
     print(
         f"ListOps demo (S4D, {summary['step']} steps): test accuracy {test['accuracy']:.4f} "
-        f"on {test['count']} examples; majority-class baseline {baseline:.4f} "
+        f"on {test['count']} examples{at_best}; majority-class baseline {baseline:.4f} "
         f"(always '{majority}'). Checkpoint and curves.png in {summary['run_dir']}"
     )
     return 0
