@@ -1111,8 +1111,12 @@ def _run_loop(cfg, exp, mgr, metrics, out, start, limit, on_step) -> dict:
                 step += 1
                 bar.update(1)
                 last = step == total
-                if (cfg.log_every > 0 and step % cfg.log_every == 0) or last:
+                log_now = (cfg.log_every > 0 and step % cfg.log_every == 0) or last
+                eval_now = step % exp.eval_every == 0 or last
+                save_now = eval_now or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)
+                if log_now or save_now:  # one host sync per boundary step, not one each
                     _check_finite(exp, limit)
+                if log_now:
                     window = exp.take_window()
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     window_start = time.perf_counter()
@@ -1140,15 +1144,13 @@ def _run_loop(cfg, exp, mgr, metrics, out, start, limit, on_step) -> dict:
                             tok_s=f"{row['tokens_per_s']:.3g}",
                         )
                 val = None
-                if step % exp.eval_every == 0 or last:
-                    _check_finite(exp, limit)
+                if eval_now:
                     val = _timed_evaluate(exp, "val", first=not evaluated)
                     evaluated = True
                     metrics.write({"step": step, "split": "val", **val})
                     final_val = val if last else None
                     window_start = time.perf_counter()
-                if val is not None or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0):
-                    _check_finite(exp, limit)
+                if save_now:
                     save_checkpoint(
                         mgr, exp, _val_metrics(val) if val is not None else None, wait=False
                     )
