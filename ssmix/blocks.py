@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssmix._checks import check_choice, check_ndim, check_positive_int
-from ssmix.kernels.scan._common import check_segment_ids
+from ssmix.kernels.scan._common import check_segment_ids, segment_starts
 from ssmix.layers.base import check_step_input
 
 NORMS = ("layer", "batch", "rms")
@@ -343,16 +343,10 @@ def sinusoids(t: jax.Array, d_model: int) -> jax.Array:
 
 
 def _positions_in_segment(segment_ids: jax.Array) -> jax.Array:
-    """``(B, L)`` index of each position within its segment (a new segment starts where the
-    id differs from the previous position's)."""
-    segment_ids = jnp.asarray(segment_ids)
+    """``(B, L)`` index of each position within its segment (segments as
+    :func:`~ssmix.kernels.scan._common.segment_starts` defines them)."""
     t = jnp.arange(segment_ids.shape[1])
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-        axis=1,
-    )
-    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
-    return t - first
+    return t - jax.lax.cummax(jnp.where(segment_starts(segment_ids), t, 0), axis=1)
 
 
 def sinusoidal_positions(length: int, d_model: int) -> jax.Array:

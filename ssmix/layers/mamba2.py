@@ -40,7 +40,7 @@ from ssmix._checks import check_choice, check_positive_int, check_sequence_input
 from ssmix.kernels.scan._common import check_segment_ids
 from ssmix.kernels.ssd import METHODS, auto_method, ssd, ssd_matrix
 from ssmix.kernels.ssd.common import segment_labels
-from ssmix.layers.base import SSMParam, check_step_input
+from ssmix.layers.base import SSMParam, activation_dtype, check_step_input, ssm_dtype
 from ssmix.layers.mixers import _linear, dt_bias_init, zero_padding
 
 __all__ = ["Mamba2", "causal_depthwise_conv"]
@@ -209,8 +209,8 @@ class Mamba2(nnx.Module):
 
     def _dtypes(self, x_dtype):
         """``(activation dtype, core dtype)`` for an input of ``x_dtype``."""
-        act = jnp.dtype(x_dtype if self.dtype is None else self.dtype)
-        return act, jnp.promote_types(act, jnp.float32)
+        act = activation_dtype(x_dtype, self.dtype)
+        return act, ssm_dtype(act)
 
     def _mixer_inputs(self, x, mask, segment_ids):
         """Input checks, then ``z``, the SSD arguments ``(x, dt, A, B, C)`` and the segment
