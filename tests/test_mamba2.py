@@ -61,7 +61,8 @@ def test_step_equals_forward(x64):
     def step(state, carry, x_t):
         return nnx.merge(graphdef, state).step(carry, x_t)
 
-    carry = nnx.merge(graphdef, state).init_state(2, jnp.float64)
+    carry = nnx.merge(graphdef, state).init_state(2)  # the float64 parameters' dtype
+    assert [c.dtype for c in carry] == [jnp.float64, jnp.float64]
     outs = []
     for t in range(x.shape[1]):
         carry, y_t = step(state, carry, x[:, t])
@@ -220,6 +221,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="mode must be one of"):
         model(x)
     state = model.init_state(2)
+    assert [s.dtype for s in state] == [jnp.float32, jnp.float32]
+    half = Mamba2(8, headdim=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)).init_state(1)
+    assert [s.dtype for s in half] == [jnp.bfloat16, jnp.float32]  # window; SSM state in f32
     with pytest.raises(ValueError, match=r"state must be the pair \(conv_state"):
         model.step(state[1], x[:, 0])
     with pytest.raises(ValueError, match=r"state must be the pair \(conv_state"):

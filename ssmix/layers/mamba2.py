@@ -283,12 +283,22 @@ class Mamba2(nnx.Module):
             M = M + self.D[...].astype(M.dtype)[:, None, None] * jnp.eye(L, dtype=M.dtype)
         return M
 
-    def init_state(self, batch: int, dtype=jnp.float32):
+    def init_state(self, batch: int, dtype=None):
         """Zero recurrent state for :meth:`step`: ``(conv_state (batch, d_conv − 1, conv_dim),
-        ssm_state (batch, Hh, P, N))`` in ``dtype`` (default float32)."""
+        ssm_state (batch, Hh, P, N))``.
+
+        ``dtype`` None (default) follows the layer: the convolution window in the activation
+        dtype (the layer's ``dtype``, else its parameters' dtype: float32, or float64 for a
+        model cast to float64) and the SSM state in ``promote(that, float32)``, where
+        :meth:`step` computes it. A given ``dtype`` is used for both."""
         check_positive_int("batch", batch)
-        conv = jnp.zeros((batch, self.d_conv - 1, self.conv_dim), dtype)
-        ssm = jnp.zeros((batch, self.nheads, self.headdim, self.d_state), dtype)
+        if dtype is None:
+            conv_dtype = self.dtype if self.dtype is not None else self.in_proj.kernel.dtype
+            ssm_state_dtype = ssm_dtype(conv_dtype)
+        else:
+            conv_dtype = ssm_state_dtype = _check_dtype(dtype)
+        conv = jnp.zeros((batch, self.d_conv - 1, self.conv_dim), conv_dtype)
+        ssm = jnp.zeros((batch, self.nheads, self.headdim, self.d_state), ssm_state_dtype)
         return conv, ssm
 
     def _check_state(self, state, batch: int):
