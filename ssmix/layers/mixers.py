@@ -64,8 +64,10 @@ from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int, check_sequence_input
 from ssmix.kernels.attention import softmax_attention
 from ssmix.kernels.fftconv import fft_conv_bidirectional
+from ssmix.kernels.scan._common import check_segment_ids
 from ssmix.kernels.ssd import METHODS as SSD_METHODS
 from ssmix.kernels.ssd import quasiseparable, quasiseparable_matrix, ssd, ssd_matrix
+from ssmix.kernels.ssd.common import segment_labels
 from ssmix.layers.base import SSMParam, activation_dtype, check_dtype, ssm_dtype
 
 __all__ = ["ShortConv", "GatedRMSNorm", "MatrixMixer", "KINDS", "DATA_INDEPENDENT_ONLY"]
@@ -166,6 +168,29 @@ def _shifted_sum(x, w, left):
     return sum(_shift(x, i - left) * w[i] for i in range(w.shape[0]))
 
 
+def depthwise_conv_same_segments(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
+    """:func:`depthwise_conv_same` on packed rows: a tap that reaches into another segment
+    reads zero, so each segment sees zeros beyond its ends, as if run alone.
+
+    ``x (B, L, C)``, ``w (K, C)``, segment ``labels (B, L)``
+    (:func:`~ssmix.kernels.ssd.common.segment_labels`) -> ``(B, L, C)``. The same sum of ``K``
+    shifted slices, each masked where the shifted position's label differs (automatic
+    differentiation: this path is only taken with ``segment_ids``)."""
+    left = (w.shape[0] - 1) // 2
+    y = 0
+    for i in range(w.shape[0]):
+        d = i - left
+        if abs(d) >= x.shape[1]:
+            continue
+        tap = _shift(x, d)
+        if d:
+            # The label at t + d (−1, no label, outside the row): labels count from 0.
+            other = _shift(labels[..., None] + 1, d)[..., 0] - 1
+            tap = jnp.where((other == labels)[..., None], tap, 0)
+        y = y + tap * w[i]
+    return y
+
+
 def _depthwise_conv_fwd(x, w, per_batch):
     return _depthwise_conv(x, w, per_batch), (x, w)
 
@@ -209,6 +234,9 @@ class ShortConv(nnx.Module):
 
     With ``mask (B, L)`` the padded inputs are read as zeros and the padded outputs are set to
     zero, so a right-padded sequence gets exactly its unpadded result at valid positions.
+    With ``segment_ids (B, L)`` (integers; a segment is a contiguous run of equal ids) a tap
+    that reaches into another segment reads zero, so each segment of a packed row gets
+    exactly its result run alone (:func:`depthwise_conv_same_segments`).
 
     Args:
       channels: ``C``.
@@ -236,14 +264,22 @@ class ShortConv(nnx.Module):
         self.weight = nnx.Param(init((kernel_size, channels)))
         self.bias = nnx.Param(init((channels,))) if use_bias else None
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """``x (B, L, C)``, ``mask (B, L)`` bool or None -> ``(B, L, C)``."""
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """``x (B, L, C)``, ``mask (B, L)`` bool or None, ``segment_ids (B, L)`` integer or
+        None (packed sequences) -> ``(B, L, C)``."""
         check_ndim("x", x, 3, f"(B, L, C={self.channels})")
         _check_floating("x", x)
         if x.shape[-1] != self.channels:
             raise ValueError(f"x must have {self.channels} channels; got {x.shape}")
         cd = activation_dtype(x.dtype, self.dtype)
-        y = depthwise_conv_same(zero_padding(x, mask).astype(cd), self.weight[...].astype(cd))
+        x, w = zero_padding(x, mask).astype(cd), self.weight[...].astype(cd)
+        if segment_ids is None:
+            y = depthwise_conv_same(x, w)
+        else:
+            labels = segment_labels(check_segment_ids(segment_ids, *x.shape[:2]))
+            y = depthwise_conv_same_segments(x, w, labels)
         if self.bias is not None:
             y = y + self.bias[...].astype(cd)
         return zero_padding(y, mask).astype(x.dtype)
@@ -339,7 +375,7 @@ class GatedConvWrapper(nnx.Module):
         self.out_proj = nnx.Linear(d_inner, d_model, use_bias=use_bias, rngs=rngs)
 
     def project(
-        self, x: jax.Array, mask: jax.Array | None
+        self, x: jax.Array, mask: jax.Array | None, segment_ids: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``x (B, L, d_model)`` -> ``z (B, L, d_inner)``, the convolved part ``(B, L,
         conv_dim)`` (before any activation; zero at padded positions) and the extra part
@@ -348,8 +384,11 @@ class GatedConvWrapper(nnx.Module):
         Padded positions of ``x`` are replaced by zeros first (``jnp.where``): a NaN or inf
         stored there must reach neither a valid output nor a parameter gradient (``in_proj``'s
         weight gradient sums ``x_t ⊗ cotangent_t`` over every position, and ``0 · NaN`` is
-        NaN)."""
+        NaN). With ``segment_ids (B, L)`` (integer; packed sequences) the convolution reads no
+        tap from another segment (:class:`ShortConv`)."""
         check_input(x, self.d_model, mask)
+        if segment_ids is not None:
+            segment_ids = check_segment_ids(segment_ids, *x.shape[:2])
         x = zero_padding(x, mask).astype(activation_dtype(x.dtype, self.dtype))
         # One matmul per part with a column block of in_proj's weight, over flattened leading
         # axes: slicing one (B, L, total) product would make every part's gradient a padded
@@ -357,7 +396,7 @@ class GatedConvWrapper(nnx.Module):
         edges = np.cumsum([0, self.d_inner, self.conv_dim, self.extra_dim])
         parts = [_linear(self.in_proj, x, a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
         z, c, e = parts
-        return z, self.conv(c, mask), e
+        return z, self.conv(c, mask, segment_ids), e
 
     def core_dtype(self, x: jax.Array) -> jnp.dtype:
         """The dtype the mixer runs in for input ``x``: ``promote(dtype, float32)``."""
