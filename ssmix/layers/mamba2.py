@@ -40,23 +40,16 @@ from ssmix._checks import check_choice, check_positive_int, check_sequence_input
 from ssmix.kernels.scan._common import check_segment_ids
 from ssmix.kernels.ssd import METHODS, auto_method, ssd, ssd_matrix
 from ssmix.kernels.ssd.common import segment_labels
-from ssmix.layers.base import SSMParam, activation_dtype, check_step_input, ssm_dtype
+from ssmix.layers.base import (
+    SSMParam,
+    activation_dtype,
+    check_dtype,
+    check_step_input,
+    ssm_dtype,
+)
 from ssmix.layers.mixers import _linear, dt_bias_init, zero_padding
 
 __all__ = ["Mamba2", "causal_depthwise_conv"]
-
-
-def _check_dtype(dtype):
-    """None or a floating dtype (returned as a dtype), else ``ValueError``."""
-    if dtype is None:
-        return None
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError as err:
-        raise ValueError(f"dtype must be None or a floating dtype; got {dtype!r}") from err
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"dtype must be None or a floating dtype; got {dt.name}")
-    return dt
 
 
 def causal_depthwise_conv(x: jax.Array, w: jax.Array, labels: jax.Array | None = None) -> jax.Array:
@@ -159,7 +152,7 @@ class Mamba2(nnx.Module):
             check_positive_int("chunk_size", chunk_size)
         self.chunk_size = chunk_size
         self.mode = check_choice("mode", mode, METHODS)
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_dtype(dtype)
         self.d_inner = d_inner = expand * d_model
         if d_inner % P:
             raise ValueError(f"expand·d_model = {d_inner} must be divisible by headdim = {P}")
@@ -296,7 +289,7 @@ class Mamba2(nnx.Module):
             conv_dtype = self.dtype if self.dtype is not None else self.in_proj.kernel.dtype
             ssm_state_dtype = ssm_dtype(conv_dtype)
         else:
-            conv_dtype = ssm_state_dtype = _check_dtype(dtype)
+            conv_dtype = ssm_state_dtype = check_dtype(dtype)
         conv = jnp.zeros((batch, self.d_conv - 1, self.conv_dim), conv_dtype)
         ssm = jnp.zeros((batch, self.nheads, self.headdim, self.d_state), ssm_state_dtype)
         return conv, ssm
