@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from ssmix.blocks import ResidualBlock, SequenceModel
-from ssmix.layers import S4D, Hydra, Mamba2
+from ssmix.layers import S4D, Mamba2, TensorAttention
 from ssmix.testing import assert_close
 
 L = 11
@@ -60,6 +60,6 @@ def test_packing_errors(x64):
         _model(head="pooled")(tokens, segment_ids=ids)
     with pytest.raises(TypeError, match="segment_ids must be an integer array"):
         _model()(tokens, segment_ids=ids.astype(jnp.float32))
-    block = ResidualBlock(Hydra(8, d_state=4, headdim=4, rngs=nnx.Rngs(0)), 8, rngs=nnx.Rngs(1))
-    with pytest.raises(ValueError, match="not supported by the mixer Hydra"):
+    block = ResidualBlock(TensorAttention(8, rngs=nnx.Rngs(0)), 8, rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="not supported by the mixer TensorAttention"):
         block(jnp.ones((2, L, 8)), segment_ids=ids)
