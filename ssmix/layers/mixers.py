@@ -64,13 +64,20 @@ from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int, check_sequence_input
 from ssmix.kernels.attention import softmax_attention
 from ssmix.kernels.fftconv import fft_conv_bidirectional
-from ssmix.kernels.scan._common import check_segment_ids
+from ssmix.kernels.scan._common import check_segment_ids, segment_starts
 from ssmix.kernels.ssd import METHODS as SSD_METHODS
 from ssmix.kernels.ssd import quasiseparable, quasiseparable_matrix, ssd, ssd_matrix
 from ssmix.kernels.ssd.common import segment_labels
 from ssmix.layers.base import SSMParam, activation_dtype, check_dtype, ssm_dtype
 
-__all__ = ["ShortConv", "GatedRMSNorm", "MatrixMixer", "KINDS", "DATA_INDEPENDENT_ONLY"]
+__all__ = [
+    "ShortConv",
+    "GatedRMSNorm",
+    "MatrixMixer",
+    "KINDS",
+    "DATA_INDEPENDENT_ONLY",
+    "SEGMENT_KINDS",
+]
 
 KINDS = (
     "dense",
@@ -83,6 +90,8 @@ KINDS = (
     "quasiseparable",
 )
 DATA_INDEPENDENT_ONLY = ("dense",)
+#: Kinds that take ``segment_ids`` (packed sequences).
+SEGMENT_KINDS = ("attention", "semiseparable", "quasiseparable")
 MIXER_MODES = ("fast", "materialized")
 #: Kinds whose fast form builds and applies the ``L × L`` matrix a tile of rows (keys) at a
 #: time (:func:`auto_block_size`).
@@ -100,6 +109,13 @@ def zero_padding(v: jax.Array, mask: jax.Array | None) -> jax.Array:
     if mask is None:
         return v
     return jnp.where(mask.reshape(mask.shape + (1,) * (v.ndim - 2)), v, 0)
+
+
+def positions_in_segment(segment_ids: jax.Array) -> jax.Array:
+    """``(B, L)`` int: the index of each position within its segment (a segment is a
+    contiguous run of equal ids, :func:`~ssmix.kernels.scan._common.segment_starts`)."""
+    t = jnp.arange(segment_ids.shape[1])
+    return t - lax.cummax(jnp.where(segment_starts(segment_ids), t, 0), axis=1)
 
 
 def inverse_softplus(y: jax.Array) -> jax.Array:
@@ -273,13 +289,14 @@ class ShortConv(nnx.Module):
         _check_floating("x", x)
         if x.shape[-1] != self.channels:
             raise ValueError(f"x must have {self.channels} channels; got {x.shape}")
+        if segment_ids is not None:
+            segment_ids = check_segment_ids(segment_ids, *x.shape[:2])
         cd = activation_dtype(x.dtype, self.dtype)
         x, w = zero_padding(x, mask).astype(cd), self.weight[...].astype(cd)
         if segment_ids is None:
             y = depthwise_conv_same(x, w)
         else:
-            labels = segment_labels(check_segment_ids(segment_ids, *x.shape[:2]))
-            y = depthwise_conv_same_segments(x, w, labels)
+            y = depthwise_conv_same_segments(x, w, segment_labels(segment_ids))
         if self.bias is not None:
             y = y + self.bias[...].astype(cd)
         return zero_padding(y, mask).astype(x.dtype)
@@ -444,12 +461,22 @@ def _cauchy_matrix(q, k, scale):
     return scale * jnp.sum(1.0 / (qt + ks), axis=-1)
 
 
-def _attention_matrix(q, k, mask):
-    """Row-wise softmax of ``q·k/√d`` over the valid keys; ``q, k (B|1, L, Hh, d)``."""
+def _same_segment(segment_ids):
+    """``(B, 1, L, L)`` bool: positions ``t, s`` lie in the same segment."""
+    labels = segment_labels(segment_ids)
+    return labels[:, None, :, None] == labels[:, None, None, :]
+
+
+def _attention_matrix(q, k, mask, same=None):
+    """Row-wise softmax of ``q·k/√d`` over the valid keys; ``q, k (B|1, L, Hh, d)``; with
+    ``same (B, 1, L, L)`` (:func:`_same_segment`) over the valid keys of the query's segment."""
     scores = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
-    if mask is not None:
+    valid = None if mask is None else mask[:, None, None, :]
+    if same is not None:
+        valid = same if valid is None else valid & same
+    if valid is not None:
         # A finite floor keeps a fully padded row finite (uniform weights over zero values).
-        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
+        scores = jnp.where(valid, scores, jnp.finfo(scores.dtype).min)
     return jax.nn.softmax(scores, axis=-1)
 
 
@@ -701,14 +728,27 @@ class MatrixMixer(GatedConvWrapper):
         check_choice("mode", self.mode, MIXER_MODES)
         check_choice("ssd_method", self.ssd_method, SSD_METHODS)
 
-    def _features(self, x, mask):
+    def _check_segments(self, x, mask, segment_ids):
+        """Validated ``segment_ids`` (None stays None): only :data:`SEGMENT_KINDS` take them."""
+        if segment_ids is None:
+            return None
+        if self.kind not in SEGMENT_KINDS:
+            raise ValueError(
+                f"segment_ids (packed sequences) is supported by the kinds {SEGMENT_KINDS} "
+                f"only; got kind {self.kind!r}"
+            )
+        check_input(x, self.d_model, mask)
+        return check_segment_ids(segment_ids, *x.shape[:2])
+
+    def _features(self, x, mask, segment_ids=None):
         """Gate ``z`` (activation dtype), values ``v (B, L, Hh, P)`` and the kind's matrix
-        inputs (in :meth:`core_dtype`)."""
+        inputs (in :meth:`core_dtype`). With ``segment_ids`` (validated) the data-independent
+        parameters are indexed by the position within each segment."""
         self._check_config()
         b, L = x.shape[:2]
         if L > self.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len = {self.max_len}")
-        z, c, e = self.project(x, mask)
+        z, c, e = self.project(x, mask, segment_ids)
         core = self.core_dtype(x)
         H, d, di = self.nheads, self.qk_dim, self.d_inner
         v = jax.nn.silu(c[..., :di]).astype(core).reshape(b, L, H, self.headdim)
@@ -735,6 +775,12 @@ class MatrixMixer(GatedConvWrapper):
                 # Backward tap m is the lag −(m + 1); lag −L never reaches an output.
                 bwd = jnp.flip(taps[None, :, Lm - L : Lm - 1], axis=-1)
                 feats["k_bwd"] = jnp.pad(bwd, ((0, 0), (0, 0), (0, 1)))
+            elif segment_ids is not None:
+                # Each document sees the parameters of positions 0, 1, … as if run alone.
+                pos = positions_in_segment(segment_ids)
+                ssd_kind = kind in ("semiseparable", "quasiseparable")
+                feats["q"] = (self.C if ssd_kind else self.q)[...][pos]
+                feats["k"] = (self.B if ssd_kind else self.k)[...][pos]
             elif kind in ("semiseparable", "quasiseparable"):
                 feats["q"] = jnp.broadcast_to(self.C[...][:L], (b, L, H, d))
                 feats["k"] = jnp.broadcast_to(self.B[...][:L], (b, L, H, d))
@@ -753,8 +799,9 @@ class MatrixMixer(GatedConvWrapper):
             feats["A"] = -jnp.exp(self.A_log[...])
         return z, v, {key: a.astype(core) for key, a in feats.items()}
 
-    def _matrix(self, feats, mask, b, L):
-        """The kind's matrix ``(B or 1, Hh, L, L)``, without the skip ``D``."""
+    def _matrix(self, feats, mask, b, L, segment_ids=None):
+        """The kind's matrix ``(B or 1, Hh, L, L)``, without the skip ``D``; with
+        ``segment_ids`` (:data:`SEGMENT_KINDS` only) zero between segments."""
         kind, H = self.kind, self.nheads
         if kind == "dense":
             return feats["matrix"]
@@ -768,13 +815,19 @@ class MatrixMixer(GatedConvWrapper):
             return _cauchy_matrix(q, k, scale)
         if kind == "low_rank":
             return scale * jnp.einsum("bthd,bshd->bhts", q, k)
+        same = None if segment_ids is None else _same_segment(segment_ids)
         if kind == "attention":
-            return _attention_matrix(q, k, mask)
+            return _attention_matrix(q, k, mask, same)
         dt, A = feats["dt"], feats["A"]
         if kind == "semiseparable":
-            return ssd_matrix(dt, A, k, q)
+            M = ssd_matrix(dt, A, k, q)
+            # Within a segment the entries involve its own steps only; exp(A·Σ dt) ≤ 1 across
+            # a boundary, so masking afterwards is exact and finite.
+            return M if same is None else jnp.where(same, M, 0)
         zero = jnp.zeros((b, L, H), dt.dtype)
-        return quasiseparable_matrix(dt[..., :H], dt[..., H:], A, k, q, k, q, zero)
+        return quasiseparable_matrix(
+            dt[..., :H], dt[..., H:], A, k, q, k, q, zero, segment_ids=segment_ids
+        )
 
     def _scale(self):
         """The normalisation of the vandermonde, cauchy and low-rank matrices."""
@@ -790,7 +843,7 @@ class MatrixMixer(GatedConvWrapper):
         itemsize = jnp.promote_types(jnp.result_type(q, v), jnp.float32).itemsize
         return auto_block_size(self.kind, batch, self.nheads, v.shape[1], itemsize)
 
-    def _mix_tiled(self, v, feats, mask, block):
+    def _mix_tiled(self, v, feats, mask, block, segment_ids=None):
         """The tiled products of :data:`TILED_KINDS`: ``v (B, L, Hh, P)`` -> ``(B, L, Hh, P)``."""
         q, k = feats["q"], feats["k"]
         if self.kind == "attention":
@@ -799,7 +852,7 @@ class MatrixMixer(GatedConvWrapper):
                 jnp.moveaxis(jnp.broadcast_to(a, (v.shape[0], *a.shape[1:])), 1, 2)
                 for a in (q, k, v)
             )
-            y = softmax_attention(q, k, vh, mask=mask, block_size=block)
+            y = softmax_attention(q, k, vh, mask=mask, block_size=block, segment_ids=segment_ids)
             return jnp.moveaxis(y, 2, 1)
         scale = self._scale()
         if self.kind == "vandermonde":
@@ -808,7 +861,7 @@ class MatrixMixer(GatedConvWrapper):
             rows = lambda qt, t: _cauchy_rows(qt, k, scale)  # noqa: E731
         return _row_tiled_product(rows, q, v, block)
 
-    def _mix_fast(self, v, feats, mask):
+    def _mix_fast(self, v, feats, mask, segment_ids=None):
         kind, H = self.kind, self.nheads
         b, L = v.shape[:2]
         if kind == "toeplitz":
@@ -835,40 +888,60 @@ class MatrixMixer(GatedConvWrapper):
                 feats["q"],
                 chunk_size=self.chunk_size,
                 method=self.ssd_method,
+                segment_ids=segment_ids,
             )
             return y
         if kind == "quasiseparable":
             dt, q, k = feats["dt"], feats["q"], feats["k"]
             zero = jnp.zeros((b, L, H), dt.dtype)
             args = (v, dt[..., :H], dt[..., H:], feats["A"], k, q, k, q, zero)
-            return quasiseparable(*args, chunk_size=self.chunk_size, method=self.ssd_method)
+            return quasiseparable(
+                *args, chunk_size=self.chunk_size, method=self.ssd_method, segment_ids=segment_ids
+            )
         if kind in TILED_KINDS:
             block = self._tile_size(feats["q"], v)
             if block is not None:
-                return self._mix_tiled(v, feats, mask, block)
+                return self._mix_tiled(v, feats, mask, block, segment_ids)
         # dense, and short vandermonde on the CPU rule: the full product.
-        M = self._matrix(feats, mask, b, L)
+        M = self._matrix(feats, mask, b, L, segment_ids)
         return jnp.einsum("bhts,bshp->bthp", jnp.broadcast_to(M, (b, *M.shape[1:])), v)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """``x (B, L, d_model)``, ``mask (B, L)`` bool or None -> ``(B, L, d_model)``."""
-        z, v, feats = self._features(x, mask)
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """``x (B, L, d_model)``, ``mask (B, L)`` bool or None -> ``(B, L, d_model)``.
+
+        ``segment_ids (B, L)`` integer or None: packed sequences (kinds in
+        :data:`SEGMENT_KINDS` only; module docstring, *Padding and packed rows*)."""
+        segment_ids = self._check_segments(x, mask, segment_ids)
+        z, v, feats = self._features(x, mask, segment_ids)
         b, L = x.shape[:2]
         if self.mode == "materialized":
-            y = jnp.einsum("bhts,bshp->bthp", self._full_matrix(feats, mask, b, L), v)
+            M = self._full_matrix(feats, mask, b, L, segment_ids)
+            y = jnp.einsum("bhts,bshp->bthp", M, v)
         else:
-            y = self._mix_fast(v, feats, mask) + self.D[...].astype(v.dtype)[:, None] * v
+            y = self._mix_fast(v, feats, mask, segment_ids)
+            y = y + self.D[...].astype(v.dtype)[:, None] * v
         return self.output(y.reshape(b, L, self.d_inner), z, x.dtype)
 
-    def _full_matrix(self, feats, mask, b, L):
-        M = self._matrix(feats, mask, b, L)
+    def _full_matrix(self, feats, mask, b, L, segment_ids=None):
+        M = self._matrix(feats, mask, b, L, segment_ids)
         skip = jnp.eye(L, dtype=M.dtype) * self.D[...].astype(M.dtype)[:, None, None]
-        return jnp.broadcast_to(M + skip, (b, self.nheads, L, L))
+        M = M + skip
+        if segment_ids is not None:
+            # Exactly zero between segments, padded query rows included.
+            M = jnp.where(_same_segment(segment_ids), M, 0)
+        return jnp.broadcast_to(M, (b, self.nheads, L, L))
 
-    def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def materialize(
+        self, x: jax.Array, mask: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
         """The mixing matrix per head ``(B, Hh, L, L)``, skip ``D`` on its diagonal included:
         the mixer outputs ``y[:, t, h] = Σ_s M[:, h, t, s]·v[:, s, h]`` where ``v`` are the
         convolved, activated values. For data-independent kinds it is the same for every
-        batch element."""
-        z, v, feats = self._features(x, mask)
-        return self._full_matrix(feats, mask, *x.shape[:2])
+        batch element, except with ``segment_ids (B, L)`` (packed sequences,
+        :data:`SEGMENT_KINDS` only): then it is block diagonal, zero between segments, each
+        diagonal block the matrix of its segment run alone."""
+        segment_ids = self._check_segments(x, mask, segment_ids)
+        z, v, feats = self._features(x, mask, segment_ids)
+        return self._full_matrix(feats, mask, *x.shape[:2], segment_ids)
