@@ -61,6 +61,12 @@ and ``cb`` the cumulative sums of ``dt_fw`` and ``dt_bw``,
     M[t, s] = C_bw[t+1]·B_bw[s]·exp(A·(cb[s−1] − cb[t]))·dt_bw[s]     (s > t)
     M[t, t] = diag[t].
 
+Packed sequences in the quasiseparable mixer (:func:`quasiseparable`'s ``segment_ids``):
+both SSDs reset at every boundary (as in :func:`ssd`) and row ``t`` takes the forward output
+of ``t − 1`` and the backward output of ``t + 1`` only when that position lies in ``t``'s
+segment, so ``M[t, s] = 0`` across segments and a packed row equals every segment run alone;
+the diagonal is per position and needs nothing.
+
 Forward-mode differentiation (``jax.jvp``) of the chunked method is not supported (it has a
 custom reverse-mode rule); the other methods support both.
 
@@ -91,6 +97,7 @@ from ssmix.kernels.ssd.common import (
     compute_dtype,
     segment_labels,
     shift_earlier,
+    shift_keeps,
     shift_later,
 )
 from ssmix.kernels.ssd.naive import (
@@ -299,6 +306,7 @@ def quasiseparable(
     initial_states: tuple[jax.Array, jax.Array] | None = None,
     method: str = "auto",
     interpret: bool | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Hydra's quasiseparable mixer: ``shift(SS_fw(x)) + flip(shift(SS_bw(flip x))) + diag·x``.
 
@@ -320,20 +328,27 @@ def quasiseparable(
         :func:`default_chunk_size`.
       initial_states: optional ``(h_fw, h_bw)``, each ``(B, Hh, P, N)``: the forward state
         before position 0 and the backward state after position ``L − 1``. Because of the
-        shift, ``h_fw`` reaches rows 1 … L−1 and ``h_bw`` rows 0 … L−2.
+        shift, ``h_fw`` reaches rows 1 … L−1 and ``h_bw`` rows 0 … L−2. With
+        ``segment_ids`` (the rule of :func:`ssd`'s ``initial_state``): ``h_fw`` enters only
+        the first segment (its rows after the first) and ``h_bw`` only the last segment (its
+        rows before the last); every other segment starts from zero in both directions.
       method: ``"auto"`` (:func:`auto_method`), ``"chunked"``, ``"parallel"``,
         ``"sequential"``, ``"materialized"`` or ``"pallas"`` (both directions in one call
         of the fused kernel, stacked like the chunked and parallel methods).
       interpret: ``method="pallas"`` only, as in :func:`ssd`.
+      segment_ids: packed sequences, an integer ``(B, L)`` array (a segment is a run of
+        equal neighbouring ids; ids may repeat between segments), or None. Every method then
+        equals running each segment alone (module docstring).
 
     Returns:
       ``y (B, L, Hh, P)`` in the dtype of ``x``.
 
     Raises:
-      ValueError: inconsistent shapes, ``G`` not dividing ``Hh``, a non-positive
-        ``chunk_size``, an unknown ``method``; a negative ``dt_fw`` / ``dt_bw`` or a positive
-        ``A`` when they are concrete (not under ``jit`` / ``grad`` / ``vmap``, module
-        docstring).
+      ValueError: inconsistent shapes (``segment_ids`` not ``(B, L)`` included), ``G`` not
+        dividing ``Hh``, a non-positive ``chunk_size``, an unknown ``method``; a negative
+        ``dt_fw`` / ``dt_bw`` or a positive ``A`` when they are concrete (not under ``jit``
+        / ``grad`` / ``vmap``, module docstring).
+      TypeError: non-floating inputs, non-integer ``segment_ids``.
     """
     method, chunk_size = _resolve(method, chunk_size)
     _check_signs([("dt_fw", dt_fw), ("dt_bw", dt_bw)], A)
@@ -344,6 +359,7 @@ def quasiseparable(
         initial_states=initial_states,
         method=method,
         pallas=_pallas_options(method, interpret),
+        segment_ids=segment_ids,
     )
 
 
@@ -379,8 +395,20 @@ def _quasiseparable(
     initial_states,
     method,
     pallas=None,
+    segment_ids=None,
 ):
     h_fw, h_bw = check_qs_args(x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, initial_states)
+    labels = keep_fw = keep_bw = None
+    if segment_ids is not None:
+        labels = segment_labels(check_segment_ids(segment_ids, *x.shape[:2]))
+        keep_fw, keep_bw = shift_keeps(labels)
+
+    def fw_term(y):  # row t takes y_fw[t − 1], only from its own segment
+        return shift_later(y) if keep_fw is None else jnp.where(keep_fw, shift_later(y), 0)
+
+    def bw_term(y):  # row t takes y_bw[t + 1], only from its own segment
+        return shift_earlier(y) if keep_bw is None else jnp.where(keep_bw, shift_earlier(y), 0)
+
     out_dtype, dtype = compute_dtype(x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, h_fw)
     x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag = (
         v.astype(dtype) for v in (x, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag)
@@ -389,29 +417,37 @@ def _quasiseparable(
         h_fw, h_bw = h_fw.astype(dtype), h_bw.astype(dtype)
     skip = diag[..., None] * x
     if method == "materialized":
-        M = qs_matrix_naive(dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag)
+        M = qs_matrix_naive(dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, labels)
         y = jnp.einsum("bhts,bshp->bthp", M, x)
         if h_fw is not None:
-            y = y + shift_later(initial_state_output(h_fw, dt_fw, A, C_fw, reverse=False))
-            y = y + shift_earlier(initial_state_output(h_bw, dt_bw, A, C_bw, reverse=True))
+            y = y + fw_term(initial_state_output(h_fw, dt_fw, A, C_fw, False, labels))
+            y = y + bw_term(initial_state_output(h_bw, dt_bw, A, C_bw, True, labels))
         return y.astype(out_dtype)
     if method == "sequential":
-        y_fw, _ = ssd_sequential(x, dt_fw, A, B_fw, C_fw, h_fw, False)
-        y_bw, _ = ssd_sequential(x, dt_bw, A, B_bw, C_bw, h_bw, True)
-        return (shift_later(y_fw) + shift_earlier(y_bw) + skip).astype(out_dtype)
+        y_fw, _ = ssd_sequential(x, dt_fw, A, B_fw, C_fw, h_fw, False, labels)
+        y_bw, _ = ssd_sequential(x, dt_bw, A, B_bw, C_bw, h_bw, True, labels)
+        return (fw_term(y_fw) + bw_term(y_bw) + skip).astype(out_dtype)
     form = _form(method, pallas)
     b = x.shape[0]
     flip = functools.partial(jnp.flip, axis=1)
     stack = lambda fw, bw: jnp.concatenate([fw, flip(bw)], axis=0)  # noqa: E731
     h0 = None if h_fw is None else jnp.concatenate([h_fw, h_bw], axis=0)
+    # The backward half runs forward on flipped inputs: its labels are flipped too (the state
+    # h_bw then enters the flipped row's first segment, the last one).
+    labels2 = None if labels is None else stack(labels, labels)
     y2, _ = form(
-        stack(x, x), stack(dt_fw, dt_bw), A, stack(B_fw, B_bw), stack(C_fw, C_bw), h0, chunk_size
+        stack(x, x),
+        stack(dt_fw, dt_bw),
+        A,
+        stack(B_fw, B_bw),
+        stack(C_fw, C_bw),
+        h0,
+        chunk_size,
+        labels2,
     )
     # Row t takes the forward output of t−1 and the backward output of t+1, which sits at
     # flipped index L−2−t: both are the first L−1 rows of their halves, one of them flipped.
-    y_fw = shift_later(y2[:b])
-    y_bw = jnp.pad(flip(y2[b:, :-1]), ((0, 0), (0, 1), (0, 0), (0, 0)))
-    return (y_fw + y_bw + skip).astype(out_dtype)
+    return (fw_term(y2[:b]) + bw_term(flip(y2[b:])) + skip).astype(out_dtype)
 
 
 @jax.jit
@@ -424,16 +460,23 @@ def quasiseparable_matrix(
     B_bw: jax.Array,
     C_bw: jax.Array,
     diag: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """The quasiseparable matrix ``M (B, Hh, L, L)`` of :func:`quasiseparable`, O(L²).
 
     Built entry by entry from the explicit formula in the module docstring (not from shifted
     and flipped SSD matrices), so comparing the two checks the shift / flip convention.
-    Arguments as in :func:`quasiseparable` without ``x``.
+    Arguments as in :func:`quasiseparable` without ``x``; with ``segment_ids (B, L)``
+    (integer, packed sequences) ``M[t, s] = 0`` when ``s`` and ``t`` lie in different
+    segments (masked before the exponential: no ``exp`` of a sum across a boundary).
     """
     check_ndim("dt_fw", dt_fw, 3, "(B, L, Hh)")
     x_like = jax.ShapeDtypeStruct((*dt_fw.shape, 1), dt_fw.dtype)
     check_qs_args(x_like, dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, None)
     _, dtype = compute_dtype(dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag)
+    labels = None
+    if segment_ids is not None:
+        labels = segment_labels(check_segment_ids(segment_ids, *dt_fw.shape[:2]))
     args = (v.astype(dtype) for v in (dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag))
-    return qs_matrix_naive(*args)
+    return qs_matrix_naive(*args, labels)

@@ -149,3 +149,13 @@ def chunk_resets(labels: jax.Array, nc: int, Q: int) -> jax.Array:
         labels = jnp.pad(labels, ((0, 0), (0, pad)), mode="edge")
     starts = segment_starts(labels).astype(jnp.int32)
     return jnp.cumsum(starts.reshape(-1, nc, Q), axis=2, dtype=jnp.int32)
+
+
+def shift_keeps(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(keep_fw, keep_bw)``, each ``(B, L, 1, 1)`` bool, for segment ``labels (B, L)``
+    (:func:`segment_labels`): whether row ``t`` of the quasiseparable mixer may take the
+    forward output of ``t − 1`` (same segment as ``t``) and the backward output of ``t + 1``.
+    Row 0's forward and row ``L − 1``'s backward term are zero anyway (the shift)."""
+    keep_fw = ~segment_starts(labels)
+    keep_bw = ~segment_starts(labels, reverse=True)
+    return keep_fw[..., None, None], keep_bw[..., None, None]

@@ -79,12 +79,18 @@ def ssd_naive(x, dt, A, B, C, h0, reverse, labels=None):
     return y, final
 
 
-def qs_matrix_naive(dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag) -> jax.Array:
-    """The quasiseparable matrix ``M (B, Hh, L, L)`` entry by entry from its explicit formula."""
+def qs_matrix_naive(dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, labels=None) -> jax.Array:
+    """The quasiseparable matrix ``M (B, Hh, L, L)`` entry by entry from its explicit formula;
+    with segment ``labels (B, L)`` (:func:`segment_labels`) entries between different
+    segments are zero (masked before the exponential)."""
     b, L, H = dt_fw.shape
     rep = H // B_fw.shape[2]
     eye = jnp.eye(L, dtype=bool)
     lower = jnp.tril(jnp.ones((L, L), bool), -1)
+    upper = lower.T
+    if labels is not None:
+        same = labels[:, None, :, None] == labels[:, None, None, :]  # (B, 1, L, L)
+        lower, upper = lower & same, upper & same
     # s < t: C_fw[t−1]·B_fw[s]·exp(A·Σ_{r=s+1}^{t−1} dt_fw[r])·dt_fw[s]; the segment sum is
     # row t−1 of the forward segment sums.
     seg_fw = segment_sums(jnp.moveaxis(dt_fw, 1, 2))
@@ -98,6 +104,6 @@ def qs_matrix_naive(dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag) -> jax.Array:
     seg_bw = jnp.pad(seg_bw[..., :, :-1], ((0, 0), (0, 0), (0, 0), (1, 0)))
     C_next = jnp.pad(C_bw[:, 1:], ((0, 0), (0, 1), (0, 0), (0, 0)))
     CB_bw = jnp.repeat(jnp.einsum("btgn,bsgn->bgts", C_next, B_bw), rep, axis=1)
-    M_bw = CB_bw * _decay(A, seg_bw, lower.T) * jnp.moveaxis(dt_bw, 1, 2)[:, :, None, :]
+    M_bw = CB_bw * _decay(A, seg_bw, upper) * jnp.moveaxis(dt_bw, 1, 2)[:, :, None, :]
     M_diag = jnp.where(eye, jnp.moveaxis(diag, 1, 2)[..., None], 0)
     return M_fw + M_bw + M_diag
