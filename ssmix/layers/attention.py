@@ -18,6 +18,11 @@ and the output is cast back; a float64 input computes (and returns) float64.
 Recurrent decoding: causal :class:`Attention` keeps a KV cache,
 ``state = layer.init_state(B, max_len)`` then ``state, y_t = layer.step(state, x_t)``, equal
 to the causal forward pass position by position.
+
+Packed sequences: :class:`Attention` (causal or not) also takes ``segment_ids (B, L)``
+(integers; a contiguous run of equal ids is one document): a position attends only to
+positions of its own document, so each document's outputs equal running it alone.
+:class:`KroneckerAttention` and :class:`TensorAttention` do not take it.
 """
 
 from __future__ import annotations
@@ -113,7 +118,8 @@ class Attention(_Projected):
       use_bias: biases in the projections.
       rngs: ``nnx.Rngs`` for the initialisation.
 
-    ``mask (B, L)`` bool marks valid keys; padded keys get zero weight.
+    ``mask (B, L)`` bool marks valid keys; padded keys get zero weight. ``segment_ids
+    (B, L)`` integers pack several documents in one row (see :meth:`__call__`).
     """
 
     def __init__(
@@ -136,20 +142,52 @@ class Attention(_Projected):
     def _qkv(self, x):
         return [jnp.swapaxes(t, 1, 2) for t in self._project(x)]  # (B, H, L, dh)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """``x (B, L, features)``, ``mask (B, L)`` bool or None -> ``(B, L, features)``."""
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """``x (B, L, features)``, ``mask (B, L)`` bool or None -> ``(B, L, features)``.
+
+        ``segment_ids (B, L)`` integer or None: packed sequences. A segment is a contiguous
+        run of equal ids (an id repeated after a different one starts a new segment);
+        position t attends to position s only when both lie in the same segment (and, when
+        causal, s ≤ t; and s is valid under ``mask``). Each segment's outputs then equal those
+        of the segment run alone, in every form (materialized or blocked). ``TypeError`` for
+        non-integer ids, ``ValueError`` for another shape.
+        """
         q, k, v = self._qkv(_checked_input(x, self.features, mask))
         block_size = self.block_size
         if block_size is None:
             b, h, n, _ = q.shape
             block_size = softmax_block_size(b, h, n, n, dtype=jnp.result_type(q, jnp.float32))
-        y = softmax_attention(q, k, v, causal=self.causal, mask=mask, block_size=block_size)
+        y = softmax_attention(
+            q,
+            k,
+            v,
+            causal=self.causal,
+            mask=mask,
+            block_size=block_size,
+            segment_ids=segment_ids,
+        )
         return self._output(jnp.swapaxes(y, 1, 2), x.dtype)
 
-    def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """The attention weights per head, ``(B, heads, L, L)``: head h mixes ``v_h`` by them."""
+    def materialize(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """The attention weights per head, ``(B, heads, L, L)``: head h mixes ``v_h`` by them.
+
+        ``x (B, L, features)``, ``mask (B, L)`` bool, ``segment_ids (B, L)`` integer (as in
+        :meth:`__call__`: weights between different segments are exactly 0).
+        """
         q, k, _ = self._qkv(_checked_input(x, self.features, mask))
-        return softmax_attention_weights(q, k, causal=self.causal, mask=mask)
+        return softmax_attention_weights(
+            q, k, causal=self.causal, mask=mask, segment_ids=segment_ids
+        )
 
     def _check_causal(self):
         if not self.causal:
@@ -165,6 +203,9 @@ class Attention(_Projected):
         ``max_len`` is the most positions :meth:`step` will be called for; ``dtype`` of the
         cache defaults to the projections' parameter dtype (float32, or float64 for a model
         cast to float64). Raises ``ValueError`` for a non-causal layer.
+
+        The cache holds one document per row (no ``segment_ids``): to decode a new document,
+        start again from a fresh ``init_state``.
         """
         self._check_causal()
         check_positive_int("batch", batch)
@@ -203,6 +244,9 @@ class Attention(_Projected):
         ``__call__`` output at that position. A full cache (``position == max_len``) raises
         ``ValueError`` when the position is concrete; under ``jit`` (traced position) the
         output is NaN instead, so an overflow never passes silently.
+
+        Decoding takes no ``segment_ids``: every cached position belongs to the current
+        document; a new document starts from a fresh :meth:`init_state`.
         """
         self._check_causal()
         check_step_input(x_t, self.features)
