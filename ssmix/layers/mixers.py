@@ -43,6 +43,18 @@ parameter gradient); the convolution reads zeros at padded positions and writes 
 ``v`` and the features vanish on padding; attention masks padded keys; the SSD kinds get ``dt =
 0`` on padding. Valid outputs therefore equal those of each sequence run alone.
 
+Packed rows (``segment_ids (B, L)``, integer; a segment is a contiguous run of equal ids, so
+an id repeated after a different one starts a new segment; :data:`SEGMENT_KINDS`: attention,
+semiseparable, quasiseparable): several documents share a row and each gets exactly the
+outputs it would get alone. The convolution reads no tap from another segment (zeros beyond a
+segment's ends, :class:`ShortConv`); the SSD kinds reset their state at every boundary in
+both directions (the SSD kernels' ``segment_ids``); attention lets a query see the keys of
+its own segment only; data-independent parameters are indexed by the position within the
+segment (each document sees the leading block of the ``max_len × max_len`` matrix; the row
+length ``L`` must still be at most ``max_len``). ``materialize`` is then block diagonal: zero
+between segments. It combines with ``mask`` (right padding). The other kinds do not
+implement packed rows and raise a ``ValueError`` naming the kinds that do.
+
 Precision (the policy of :mod:`ssmix.layers.base`): ``dtype`` (None = the input's) is the
 dtype of ``in_proj``, the convolution, the activations, the gate and ``out_proj``; the
 mixing matrix and its product (and the SSD kernels) run in ``promote(dtype, float32)``, the
@@ -912,7 +924,7 @@ class MatrixMixer(GatedConvWrapper):
         """``x (B, L, d_model)``, ``mask (B, L)`` bool or None -> ``(B, L, d_model)``.
 
         ``segment_ids (B, L)`` integer or None: packed sequences (kinds in
-        :data:`SEGMENT_KINDS` only; module docstring, *Padding and packed rows*)."""
+        :data:`SEGMENT_KINDS` only; module docstring, *Packed rows*)."""
         segment_ids = self._check_segments(x, mask, segment_ids)
         z, v, feats = self._features(x, mask, segment_ids)
         b, L = x.shape[:2]
