@@ -229,3 +229,146 @@ def test_qs_segment_ids_validation():
         quasiseparable_matrix(*args[1:], segment_ids=jnp.zeros((2, 5), bool))
     with pytest.raises(ValueError, match=r"segment_ids must have shape \(B, L\) = \(2, 5\)"):
         quasiseparable_matrix(*args[1:], segment_ids=jnp.zeros((5,), jnp.int32))
+
+
+# --------------------------------------------------------------------------------------
+# Hydra layer
+
+# Right padding combined with packing: row 0 valid for 12 steps (its padding keeps the last
+# id), row 1 for 11 (its padding has an id of its own).
+HYDRA_IDS = np.array([IDS[0], np.r_[IDS[1, :11], 7, 7]], np.int32)
+HYDRA_LENGTHS = (12, 11)
+
+
+def _hydra():
+    """d_model 8, expand 2 -> 4 heads of 4 channels, 2 groups, d_state 4, chunks of 4, a
+    5-tap convolution; random learned initial states (so their entry into every segment is
+    observable); float64 parameters."""
+    from flax import nnx
+
+    from ssmix.layers import Hydra
+
+    layer = Hydra(
+        8,
+        d_state=4,
+        d_conv=5,
+        headdim=4,
+        ngroups=2,
+        chunk_size=CHUNK,
+        learnable_init_states=True,
+        rngs=nnx.Rngs(0),
+    )
+    shape = layer.init_states.shape
+    layer.init_states = nnx.Param(jax.random.normal(jax.random.PRNGKey(1), shape))
+    graph, state = nnx.split(layer)
+    state = jax.tree.map(
+        lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state
+    )
+    return graph, state
+
+
+def _hydra_alone(graph):
+    """``(state, x) -> y (B, L, d)``: every valid segment of :data:`HYDRA_IDS` run alone, in a
+    right-padded row of its own (the padded path, checked in ``tests/test_hydra.py``), the
+    materialized mode; also the matrices of those rows."""
+    from flax import nnx
+
+    valid_ids = np.where(np.arange(L) < np.array(HYDRA_LENGTHS)[:, None], HYDRA_IDS, -1)
+    segs = [s for s in _segments(valid_ids) if valid_ids[s[0], s[1]] >= 0]
+    rows = np.array([[r] * L for r, *_ in segs])
+    times = np.array([np.clip(np.arange(L) + s0, 0, L - 1) for _, s0, *_ in segs])
+    valid = np.array([np.arange(L) < s1 - s0 for _, s0, s1, *_ in segs])
+
+    def run(state, x):
+        layer = nnx.merge(graph, state)
+        layer.mode = "materialized"
+        xs = jnp.where(valid[..., None], x[rows, times], 1e3)
+        y, M = layer(xs, jnp.asarray(valid)), layer.materialize(xs, jnp.asarray(valid))
+        packed = jnp.zeros((len(HYDRA_LENGTHS), L, x.shape[-1]), y.dtype)
+        for k, (r, s0, s1, _, _) in enumerate(segs):
+            packed = packed.at[r, s0:s1].set(y[k, : s1 - s0])
+        return packed, M
+
+    return run, segs
+
+
+def _hydra_inputs():
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, L, 8), jnp.float64)
+    mask = jnp.arange(L)[None, :] < jnp.asarray(HYDRA_LENGTHS)[:, None]
+    return jnp.where(mask[..., None], x, 1e3), mask
+
+
+def test_hydra_packed_equals_each_segment_alone_every_mode(x64):
+    """Valid outputs of a packed, right-padded batch in every mode equal each segment run
+    alone (convolution, both directions and the learned initial states, which enter every
+    segment); the packed matrix is block diagonal with each segment's own matrix; one
+    compiled program for all of them."""
+    from flax import nnx
+
+    graph, state = _hydra()
+    x, mask = _hydra_inputs()
+    ids = jnp.asarray(HYDRA_IDS)
+    alone, segs = _hydra_alone(graph)
+
+    def outputs(state, x):
+        out = {"alone": alone(state, x)}
+        for m in METHODS:
+            layer = nnx.merge(graph, state)
+            layer.mode = m
+            out[m] = layer(x, mask, ids)
+        out["matrix"] = nnx.merge(graph, state).materialize(x, mask, segment_ids=ids)
+        return out
+
+    outs = jax.jit(outputs)(state, x)
+    ref, M_alone = outs["alone"]
+    keep = np.asarray(mask)[..., None]
+    assert np.all(np.isfinite(np.asarray(ref)))
+    for m in METHODS:
+        assert_close(ref, jnp.where(keep, outs[m], 0), name=f"[{m}] valid outputs")
+    M = np.asarray(outs["matrix"])
+    block = np.zeros(M.shape, bool)
+    for k, (r, s0, s1, _, _) in enumerate(segs):
+        n = s1 - s0
+        assert_close(M_alone[k, :, :n, :n], M[r, :, s0:s1, s0:s1], name=f"segment {k} matrix")
+        block[r, :, s0:s1, s0:s1] = True
+    assert np.all(M[~block & np.asarray(mask)[:, None, :, None]] == 0)
+
+
+def test_hydra_packed_gradients_equal_each_segment_alone(x64):
+    """Parameter and input gradients of the packed layer (chunked mode) equal those of the
+    segments run alone, through valid outputs, in one compiled program."""
+    from flax import nnx
+
+    graph, state = _hydra()
+    x, mask = _hydra_inputs()
+    ids = jnp.asarray(HYDRA_IDS)
+    alone, _ = _hydra_alone(graph)
+    cot = jax.random.normal(jax.random.PRNGKey(9), x.shape, jnp.float64) * mask[..., None]
+
+    def packed(state, x):
+        layer = nnx.merge(graph, state)
+        layer.mode = "chunked"
+        return layer(x, mask, ids)
+
+    def grads(state, x):
+        g = lambda f: jax.grad(lambda s, x: jnp.sum(cot * f(s, x)), (0, 1))(state, x)  # noqa: E731
+        return g(lambda s, x: alone(s, x)[0]), g(packed)
+
+    ref, got = jax.jit(grads)(state, x)
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(ref))
+    assert_close(ref, got, name="gradients")
+
+
+def test_hydra_segment_ids_validation():
+    from flax import nnx
+
+    from ssmix.layers import Hydra
+
+    layer = Hydra(8, d_state=4, headdim=4, chunk_size=CHUNK, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 5, 8))
+    with pytest.raises(TypeError, match=r"segment_ids must be an integer array of shape \(B, L\)"):
+        layer(x, segment_ids=jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \(B, L\) = \(2, 5\)"):
+        layer(x, segment_ids=jnp.zeros((2, 6), jnp.int32))
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \(B, L\) = \(2, 5\)"):
+        layer.materialize(x, segment_ids=jnp.zeros((1, 5), jnp.int32))

@@ -15,6 +15,17 @@ state nor adds to it, so the backward scan starts, in effect, at the last valid 
 its initial state intact, and nothing from the padding reaches a valid output: valid outputs
 equal those of each sequence run alone.
 
+Packed sequences (``segment_ids (B, L)``, integer; a segment is a run of equal neighbouring
+ids, as ``seq_idx`` in state-spaces/mamba): the short convolution reads no tap from another
+segment (each segment sees the zeros a lone sequence is padded with) and both directions of
+the quasiseparable mixer restart at every boundary (:func:`ssmix.kernels.ssd.quasiseparable`'s
+``segment_ids``), so every segment of a packed row gets exactly its output run alone, in every
+mode. With ``learnable_init_states`` the learned state is a parameter of every sequence, so it
+enters *every* segment in both directions (the kernel's ``initial_states`` reach only the
+first / last segment; the layer adds the other segments' terms,
+:func:`~ssmix.kernels.ssd.naive.qs_segment_state_terms`). Padding (``mask``) and packing
+combine: padded positions stay identity steps whatever their ids.
+
 Modes are the methods of :func:`~ssmix.kernels.ssd.quasiseparable`; ``mode="auto"`` resolves
 by :func:`auto_mode` when the layer is called (traced), from :func:`ssmix.auto_backend`.
 """
@@ -28,6 +39,8 @@ from flax import nnx
 from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_positive_int
 from ssmix.kernels.ssd import METHODS, auto_method, quasiseparable, quasiseparable_matrix
+from ssmix.kernels.ssd.common import segment_labels
+from ssmix.kernels.ssd.naive import qs_segment_state_terms
 from ssmix.layers.base import SSMParam
 from ssmix.layers.mixers import GatedConvWrapper, _linear, dt_bias_init, zero_padding
 
@@ -62,10 +75,11 @@ class Hydra(GatedConvWrapper):
         the backend's default (:func:`~ssmix.kernels.ssd.default_chunk_size`: 64 on CPU,
         128 on GPU / TPU).
       mode: ``"auto"`` (default, :func:`auto_mode`), ``"chunked"``, ``"parallel"``,
-        ``"sequential"`` or ``"materialized"``: the method of
+        ``"sequential"``, ``"materialized"`` or ``"pallas"``: the method of
         :func:`~ssmix.kernels.ssd.quasiseparable` (all give the same result).
       learnable_init_states: learn one ``(Hh, P, N)`` state used as the initial state of both
-        directions (as in the reference implementation).
+        directions (as in the reference implementation); with ``segment_ids``, of every
+        segment.
       dt_min, dt_max, dt_init_floor: ``softplus(dt_bias)`` starts log-uniform in
         ``[dt_min, dt_max]``, at least ``dt_init_floor``.
       use_bias: biases in ``in_proj`` and ``out_proj``.
@@ -135,13 +149,13 @@ class Hydra(GatedConvWrapper):
         self.fc_D = nnx.Linear(d_inner, H, use_bias=False, rngs=rngs)
         self.init_states = nnx.Param(jnp.zeros((H, headdim, N))) if learnable_init_states else None
 
-    def _mixer_inputs(self, x, mask):
+    def _mixer_inputs(self, x, mask, segment_ids=None):
         """Gate ``z`` (activation dtype) and the arguments of :func:`quasiseparable`
         (without keywords, in :meth:`core_dtype`)."""
         b, L = x.shape[:2]
         H, P, G, N, di = self.nheads, self.headdim, self.ngroups, self.d_state, self.d_inner
         core = self.core_dtype(x)
-        z, c, dt = self.project(x, mask)
+        z, c, dt = self.project(x, mask, segment_ids)
         c = jax.nn.silu(c)
         diag = (self.D[...] + _linear(self.fc_D, c[..., :di])).astype(core)
         c = c.astype(core)
@@ -155,27 +169,46 @@ class Hydra(GatedConvWrapper):
         args = (xs.reshape(b, L, H, P), dt[..., :H], dt[..., H:], A, B_fw, C_fw, B_bw, C_bw, diag)
         return z, args
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """``x (B, L, d_model)``, ``mask (B, L)`` bool or None -> ``(B, L, d_model)``."""
-        z, args = self._mixer_inputs(x, mask)
-        init = None
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """``x (B, L, d_model)``, ``mask (B, L)`` bool or None (right padding),
+        ``segment_ids (B, L)`` integer or None (packed sequences, module docstring) ->
+        ``(B, L, d_model)``.
+
+        Raises ``TypeError`` / ``ValueError`` for ``segment_ids`` that is not an integer
+        ``(B, L)`` array."""
+        # Checked at call time too: a mode assigned after construction must fail clearly.
+        check_choice("mode", self.mode, METHODS)
+        z, args = self._mixer_inputs(x, mask, segment_ids)
+        h = None
         if self.init_states is not None:
             h0 = self.init_states[...].astype(self.core_dtype(x))
             h = jnp.broadcast_to(h0, (x.shape[0], *self.init_states.shape))
-            init = (h, h)
-        # Checked at call time too: a mode assigned after construction must fail clearly.
-        check_choice("mode", self.mode, METHODS)
         mode = auto_mode(x.shape[1]) if self.mode == "auto" else self.mode
-        y = quasiseparable(*args, chunk_size=self.chunk_size, initial_states=init, method=mode)
+        kw = dict(chunk_size=self.chunk_size, method=mode)
+        if segment_ids is None:
+            y = quasiseparable(*args, initial_states=None if h is None else (h, h), **kw)
+        else:
+            y = quasiseparable(*args, segment_ids=segment_ids, **kw)
+            if h is not None:
+                # The learned state enters every segment, in both directions.
+                labels = segment_labels(segment_ids)
+                dt_fw, dt_bw, A, _, C_fw, _, C_bw = args[1:8]
+                y = y + qs_segment_state_terms(h, h, dt_fw, dt_bw, A, C_fw, C_bw, labels)
         return self.output(y.reshape(*x.shape[:2], self.d_inner), z, x.dtype)
 
-    def materialize(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def materialize(
+        self, x: jax.Array, mask: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
         """The data-dependent quasiseparable matrices ``M (B, Hh, L, L)``.
 
         Head ``h`` of the mixer outputs ``y[:, t, h] = Σ_s M[:, h, t, s]·v[:, s, h]`` where
         ``v (B, L, Hh, P)`` are the convolved, activated values (before the gated norm and
         ``out_proj``). With learnable initial states the mixer adds a term from them that is
-        not part of ``M``.
+        not part of ``M``. With ``segment_ids (B, L)`` (packed sequences) entries between
+        different segments are zero: ``M`` is block diagonal, each block the matrix of that
+        segment run alone.
         """
-        _, args = self._mixer_inputs(x, mask)
-        return quasiseparable_matrix(*args[1:])
+        _, args = self._mixer_inputs(x, mask, segment_ids)
+        return quasiseparable_matrix(*args[1:], segment_ids=segment_ids)

@@ -9,7 +9,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssmix.kernels.ssd.common import expand_groups, segment_sums
+from ssmix.kernels.scan._common import segment_starts
+from ssmix.kernels.ssd.common import (
+    expand_groups,
+    segment_sums,
+    shift_earlier,
+    shift_keeps,
+    shift_later,
+)
 
 
 def _decay(A, seg, mask):
@@ -107,3 +114,35 @@ def qs_matrix_naive(dt_fw, dt_bw, A, B_fw, C_fw, B_bw, C_bw, diag, labels=None) 
     M_bw = CB_bw * _decay(A, seg_bw, upper) * jnp.moveaxis(dt_bw, 1, 2)[:, :, None, :]
     M_diag = jnp.where(eye, jnp.moveaxis(diag, 1, 2)[..., None], 0)
     return M_fw + M_bw + M_diag
+
+
+def segmented_cumsum(dt: jax.Array, starts: jax.Array, reverse: bool = False) -> jax.Array:
+    """Inclusive cumulative sum of ``dt (B, L, Hh)`` along axis 1 restarted where ``starts
+    (B, L)`` is True (from the end when ``reverse``), summed term by term inside each
+    segment (an associative scan, not a difference of two long sums, which would cancel)."""
+    if reverse:
+        dt, starts = jnp.flip(dt, 1), jnp.flip(starts, 1)
+
+    def combine(a, b):
+        (av, af), (bv, bf) = a, b
+        return jnp.where(bf, bv, av + bv), af | bf
+
+    flags = jnp.broadcast_to(starts[..., None], dt.shape)
+    out, _ = jax.lax.associative_scan(combine, (dt, flags), axis=1)
+    return jnp.flip(out, 1) if reverse else out
+
+
+def qs_segment_state_terms(h_fw, h_bw, dt_fw, dt_bw, A, C_fw, C_bw, labels) -> jax.Array:
+    """The quasiseparable mixer's output ``(B, L, Hh, P)`` from initial states that enter
+    *every* segment (``h_fw`` at each segment's first step, ``h_bw`` after its last), for
+    segment ``labels (B, L)``: what each segment run alone with ``(h_fw, h_bw)`` adds to
+    :func:`~ssmix.kernels.ssd.quasiseparable` without states. States ``(B, Hh, P, N)``."""
+    H = dt_fw.shape[2]
+    out = []
+    for h, dt, C, reverse in ((h_fw, dt_fw, C_fw, False), (h_bw, dt_bw, C_bw, True)):
+        starts = segment_starts(labels, reverse)
+        decay = jnp.exp(A * segmented_cumsum(dt, starts, reverse))
+        y = jnp.einsum("bthn,bhpn->bthp", expand_groups(C, H), h) * decay[..., None]
+        out.append(y)
+    keep_fw, keep_bw = shift_keeps(labels)
+    return jnp.where(keep_fw, shift_later(out[0]), 0) + jnp.where(keep_bw, shift_earlier(out[1]), 0)
