@@ -20,7 +20,7 @@ from flax import nnx
 from ssmix.blocks import ResidualBlock, SequenceModel
 from ssmix.kernels.attention import softmax_attention, softmax_attention_weights
 from ssmix.layers import Attention, KroneckerAttention, TensorAttention
-from ssmix.testing import assert_close
+from ssmix.testing import assert_close, trace_stats
 
 L, BLOCK, H, D, DV = 13, 3, 2, 3, 2
 # Row 0: segments [0, 3) [3, 6) [6, 7) [7, 13): boundaries on block edges (3, 6), inside a
@@ -139,6 +139,24 @@ def test_kernel_blocked_gradients_equal_materialized(x64):
     # The packing matters for the gradients: without segment_ids they differ.
     plain = jax.grad(lambda q: jnp.sum(jnp.sin(softmax_attention(q, k, v, mask=mask)) * cot))(q)
     assert float(jnp.max(jnp.abs(plain - g[0][0]))) > 1e-3
+
+
+def test_blocked_memory_with_segment_ids():
+    """Traced only (nothing runs): the blocked form's forward and backward with segment_ids
+    and a mask produce no array larger than one ``(B, H, Lq, block)`` float32 score tile, so
+    no ``Lq × Lk`` score, weight or same-segment array (here 4× that tile as bool)."""
+    b, n, block = 2, 1024, 128
+    q = jax.ShapeDtypeStruct((b, 1, n, 16), jnp.float32)
+    ids = jax.ShapeDtypeStruct((b, n), jnp.int32)
+    mask = jax.ShapeDtypeStruct((b, n), jnp.bool_)
+
+    def loss(q, k, v, mask, ids):
+        y = softmax_attention(q, k, v, causal=True, mask=mask, segment_ids=ids, block_size=block)
+        return jnp.sum(y)
+
+    stats = trace_stats(jax.grad(loss, argnums=(0, 1, 2)), q, q, q, mask, ids)
+    assert stats.largest_bytes <= b * n * block * 4, str(stats)
+    assert stats.loops == (("scan", n // block), ("scan", n // block)), str(stats)
 
 
 def _float64(module):
