@@ -8,7 +8,8 @@ each fast form with its reference beside it:
   reference (``block_size=None``) and a blocked online-softmax form whose forward and backward
   passes keep memory O(L·(d + block_size)) beyond the inputs; :func:`softmax_attention_weights`;
   :func:`softmax_block_size`, the per-backend default block (dense on CPU, blocked at long
-  lengths on GPU/TPU).
+  lengths on GPU/TPU). Both softmax functions take ``segment_ids (B, L)`` (packed sequences:
+  a query attends only to keys of its own segment, in every form).
 - :mod:`~ssmix.kernels.attention.kronecker`: :func:`kao`, Kronecker attention on 2-D
   ``(B, h, w, c)`` and 3-D ``(B, t, h, w, c)`` grids; :func:`kao_mixing_matrix` builds the same
   operator as an explicit ``N × N`` matrix.
