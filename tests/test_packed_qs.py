@@ -10,12 +10,18 @@ chunks, a segment of length 1, repeated non-contiguous ids.
 
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import ssmix
 from ssmix.kernels.ssd import quasiseparable, quasiseparable_matrix, ssd_matrix
+from ssmix.layers import Hydra
 from ssmix.testing import assert_close
 
 L = 13
@@ -240,14 +246,11 @@ HYDRA_IDS = np.array([IDS[0], np.r_[IDS[1, :11], 7, 7]], np.int32)
 HYDRA_LENGTHS = (12, 11)
 
 
+@functools.cache
 def _hydra():
     """d_model 8, expand 2 -> 4 heads of 4 channels, 2 groups, d_state 4, chunks of 4, a
     5-tap convolution; random learned initial states (so their entry into every segment is
-    observable); float64 parameters."""
-    from flax import nnx
-
-    from ssmix.layers import Hydra
-
+    observable); float64 parameters (build it under x64). Built once per process."""
     layer = Hydra(
         8,
         d_state=4,
@@ -271,8 +274,6 @@ def _hydra_alone(graph):
     """``(state, x) -> y (B, L, d)``: every valid segment of :data:`HYDRA_IDS` run alone, in a
     right-padded row of its own (the padded path, checked in ``tests/test_hydra.py``), the
     materialized mode; also the matrices of those rows."""
-    from flax import nnx
-
     valid_ids = np.where(np.arange(L) < np.array(HYDRA_LENGTHS)[:, None], HYDRA_IDS, -1)
     segs = [s for s in _segments(valid_ids) if valid_ids[s[0], s[1]] >= 0]
     rows = np.array([[r] * L for r, *_ in segs])
@@ -303,8 +304,6 @@ def test_hydra_packed_equals_each_segment_alone_every_mode(x64):
     alone (convolution, both directions and the learned initial states, which enter every
     segment); the packed matrix is block diagonal with each segment's own matrix; one
     compiled program for all of them."""
-    from flax import nnx
-
     graph, state = _hydra()
     x, mask = _hydra_inputs()
     ids = jnp.asarray(HYDRA_IDS)
@@ -337,8 +336,6 @@ def test_hydra_packed_equals_each_segment_alone_every_mode(x64):
 def test_hydra_packed_gradients_equal_each_segment_alone(x64):
     """Parameter and input gradients of the packed layer (chunked mode) equal those of the
     segments run alone, through valid outputs, in one compiled program."""
-    from flax import nnx
-
     graph, state = _hydra()
     x, mask = _hydra_inputs()
     ids = jnp.asarray(HYDRA_IDS)
@@ -359,12 +356,8 @@ def test_hydra_packed_gradients_equal_each_segment_alone(x64):
     assert_close(ref, got, name="gradients")
 
 
-def test_hydra_segment_ids_validation():
-    from flax import nnx
-
-    from ssmix.layers import Hydra
-
-    layer = Hydra(8, d_state=4, headdim=4, chunk_size=CHUNK, rngs=nnx.Rngs(0))
+def test_hydra_segment_ids_validation(x64):
+    layer = nnx.merge(*_hydra())
     x = jnp.ones((2, 5, 8))
     with pytest.raises(TypeError, match=r"segment_ids must be an integer array of shape \(B, L\)"):
         layer(x, segment_ids=jnp.zeros((2, 5)))
@@ -372,3 +365,32 @@ def test_hydra_segment_ids_validation():
         layer(x, segment_ids=jnp.zeros((2, 6), jnp.int32))
     with pytest.raises(ValueError, match=r"segment_ids must have shape \(B, L\) = \(2, 5\)"):
         layer.materialize(x, segment_ids=jnp.zeros((1, 5), jnp.int32))
+
+
+def test_packed_qs_lowers_for_accelerators():
+    """The packed quasiseparable mixer, forward + backward, lowers for cuda and tpu from a CPU
+    host: the parallel method without a while loop, the Pallas method as one Triton forward
+    and one backward kernel (Triton needs power-of-two Q, P, N of at least 16)."""
+    rng = np.random.default_rng(0)
+    n = 40
+    x = jnp.asarray(rng.normal(size=(1, n, 2, 16)), jnp.float32)
+    dt = jnp.full((1, n, 2), 0.1, jnp.float32)
+    A = -jnp.ones((2,), jnp.float32)
+    Bm = jnp.asarray(rng.normal(size=(1, n, 1, 16)), jnp.float32)
+    ids = jnp.asarray((np.arange(n) >= 21)[None].astype(np.int32))
+
+    def loss(method, x, dt, A, Bm):
+        kw = dict(chunk_size=16, method=method, segment_ids=ids)
+        if method == "pallas":
+            kw["interpret"] = False
+        y = quasiseparable(x, dt, dt, A, Bm, Bm, Bm, Bm, dt, **kw)
+        return jnp.sum(y**2)
+
+    def lowered(method, platform):
+        grad = jax.jit(jax.grad(functools.partial(loss, method), argnums=(0, 1, 2, 3)))
+        return grad.trace(x, dt, A, Bm).lower(lowering_platforms=(platform,)).as_text()
+
+    with ssmix.auto_backend("gpu"):
+        for platform in ("cuda", "tpu"):
+            assert "stablehlo.while" not in lowered("parallel", platform)
+        assert len(re.findall(r"xla\.gpu\.triton", lowered("pallas", "cuda"))) == 2
