@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssmix._checks import check_choice, check_ndim, check_positive_int
-from ssmix.kernels.scan._common import check_segment_ids, segment_starts
+from ssmix.kernels.scan._common import check_segment_ids, positions_in_segment
 from ssmix.layers.base import check_step_input
 
 NORMS = ("layer", "batch", "rms")
@@ -268,7 +268,8 @@ class ResidualBlock(nnx.Module):
             raise ValueError(
                 f"segment_ids (packed sequences) is not supported by the mixer "
                 f"{type(self.mixer).__name__}; mixers that take it: S4, S4D, S4PTD, S5, "
-                "S5PTD, Mamba2"
+                "S5PTD, Mamba2, Hydra, Attention, MatrixMixer (kinds 'attention', "
+                "'semiseparable', 'quasiseparable')"
             )
         if self.prenorm:
             x = x + self._mix(self.norm(x, mask), mask, rngs, segment_ids)
@@ -340,13 +341,6 @@ def sinusoids(t: jax.Array, d_model: int) -> jax.Array:
     angles = t * freqs
     pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     return pe.reshape(*angles.shape[:-1], -1)[..., :d_model]
-
-
-def _positions_in_segment(segment_ids: jax.Array) -> jax.Array:
-    """``(B, L)`` index of each position within its segment (segments as
-    :func:`~ssmix.kernels.scan._common.segment_starts` defines them)."""
-    t = jnp.arange(segment_ids.shape[1])
-    return t - jax.lax.cummax(jnp.where(segment_starts(segment_ids), t, 0), axis=1)
 
 
 def sinusoidal_positions(length: int, d_model: int) -> jax.Array:
@@ -516,7 +510,7 @@ class SequenceModel(nnx.Module):
             if segment_ids is None:
                 h = h + sinusoidal_positions(h.shape[1], h.shape[2]).astype(h.dtype)
             else:  # positions count from 0 in every document
-                h = h + sinusoids(_positions_in_segment(segment_ids), h.shape[2]).astype(h.dtype)
+                h = h + sinusoids(positions_in_segment(segment_ids), h.shape[2]).astype(h.dtype)
         for block in self.blocks:
             h = block(h, mask, segment_ids=segment_ids, rngs=rngs)
         if self.final_norm is not None:

@@ -76,7 +76,7 @@ from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int, check_sequence_input
 from ssmix.kernels.attention import softmax_attention
 from ssmix.kernels.fftconv import fft_conv_bidirectional
-from ssmix.kernels.scan._common import check_segment_ids, segment_starts
+from ssmix.kernels.scan._common import check_segment_ids, positions_in_segment
 from ssmix.kernels.ssd import METHODS as SSD_METHODS
 from ssmix.kernels.ssd import quasiseparable, quasiseparable_matrix, ssd, ssd_matrix
 from ssmix.kernels.ssd.common import segment_labels
@@ -121,13 +121,6 @@ def zero_padding(v: jax.Array, mask: jax.Array | None) -> jax.Array:
     if mask is None:
         return v
     return jnp.where(mask.reshape(mask.shape + (1,) * (v.ndim - 2)), v, 0)
-
-
-def positions_in_segment(segment_ids: jax.Array) -> jax.Array:
-    """``(B, L)`` int: the index of each position within its segment (a segment is a
-    contiguous run of equal ids, :func:`~ssmix.kernels.scan._common.segment_starts`)."""
-    t = jnp.arange(segment_ids.shape[1])
-    return t - lax.cummax(jnp.where(segment_starts(segment_ids), t, 0), axis=1)
 
 
 def inverse_softplus(y: jax.Array) -> jax.Array:

@@ -111,3 +111,10 @@ def segment_starts(segment_ids: jax.Array, reverse: bool = False) -> jax.Array:
     change = segment_ids[:, 1:] != segment_ids[:, :-1]  # between t and t + 1
     edge = jnp.zeros_like(change[:, :1])
     return jnp.concatenate([change, edge] if reverse else [edge, change], axis=1)
+
+
+def positions_in_segment(segment_ids: jax.Array) -> jax.Array:
+    """``(B, L)`` int: the index of each position within its segment (segments as
+    :func:`segment_starts` defines them: contiguous runs of equal ids)."""
+    t = jnp.arange(segment_ids.shape[1])
+    return t - jax.lax.cummax(jnp.where(segment_starts(segment_ids), t, 0), axis=1)
