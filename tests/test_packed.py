@@ -9,6 +9,7 @@ validation; lowering of the loop-free forms for cuda and tpu.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -341,36 +342,37 @@ def test_packed_pallas_ssd_lowers(backend, platform, marker):
     assert len(re.findall(marker, text)) == 2  # the forward and the backward kernel
 
 
-def test_same_segment_toeplitz_both_forms(x64, monkeypatch):
+def _value_and_sin_grad(f, uc, Tm):
+    """``f(uc, Tm)`` and the gradient of ``Σ sin f`` with respect to both."""
+    return f(uc, Tm), jax.grad(lambda u, t: jnp.sum(jnp.sin(f(u, t))), (0, 1))(uc, Tm)
+
+
+def test_same_segment_toeplitz_every_branch(x64, monkeypatch):
     """The in-chunk Toeplitz product of packed S4-family convolutions: the shared-matrix
-    pieces form (up to ``PACKED_PASSES`` pieces per chunk) and the per-chunk masked form it
-    falls back to (a chunk with more pieces), each against a direct sum, values and
-    gradients."""
+    pieces form with 2 passes (every chunk holds at most 2 pieces), with 16 passes, and the
+    per-chunk masked form it falls back to (a chunk with more than ``PACKED_PASSES`` pieces),
+    each against the direct masked sum, values and gradients."""
     from ssmix.kernels import vandermonde
 
     H, B, nc, T, C = 2, 2, 3, 12, 2
     rng = np.random.default_rng(0)
     uc = jnp.asarray(rng.normal(size=(H, B, nc, T)))
     Tm = jnp.asarray(np.tril(rng.normal(size=(C, H, T, T))))
-    starts = rng.random((1, B, nc, T)) < 0.3
-    starts[0, 1, 2] = True  # one chunk of 12 pieces: more than PACKED_PASSES = 8
-    lab = jnp.asarray(np.cumsum(starts, axis=-1))
-    same = np.asarray(lab)[..., :, None] == np.asarray(lab)[..., None, :]
-    want = np.einsum("hbkts,chts->hbkct", np.asarray(uc)[..., None, :] * same, np.asarray(Tm))
-
-    def loss(uc, Tm):
-        return jnp.sum(jnp.sin(vandermonde._same_segment_toeplitz(uc, Tm, lab)))
-
-    results = {}
-    for passes in (8, 16):  # 8: the masked form runs; 16: the pieces form covers every chunk
+    few = np.zeros((1, B, nc, T), bool)
+    few[0, 0, 1, 5] = few[0, 1, 2, 0] = few[0, 1, 0, 11] = True  # at most 2 pieces per chunk
+    many = rng.random((1, B, nc, T)) < 0.3
+    many[0, 1, 2] = True  # one chunk of 12 pieces: more than PACKED_PASSES = 8
+    for starts, passes in ((few, 8), (many, 8), (many, 16)):
+        lab = jnp.asarray(np.cumsum(starts, axis=-1))
+        same = lab[..., :, None] == lab[..., None, :]
         monkeypatch.setattr(vandermonde, "PACKED_PASSES", passes)
-        got, grads = jax.jit(
-            lambda uc, Tm: (  # noqa: B023 (traced at once, in this iteration)
-                vandermonde._same_segment_toeplitz(uc, Tm, lab),
-                jax.grad(loss, (0, 1))(uc, Tm),
+        fast = functools.partial(vandermonde._same_segment_toeplitz, lab=lab)
+        direct = functools.partial(jnp.einsum, "hbkts,chts->hbkct")
+        got, want = jax.jit(
+            lambda uc, Tm, fast=fast, direct=direct, same=same: (
+                _value_and_sin_grad(fast, uc, Tm),
+                _value_and_sin_grad(lambda u, t: direct(u[..., None, :] * same, t), uc, Tm),
             )
         )(uc, Tm)
-        assert_close(got, want, atol=1e-12, ratio=1e-12)
-        results[passes] = grads
-    for a, b in zip(results[8], results[16], strict=True):
-        assert_close(a, b, atol=1e-12, ratio=1e-12)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert_close(a, b, atol=1e-12, ratio=1e-12)

@@ -634,23 +634,36 @@ def _same_segment_toeplitz(uc, Tm, lab):
     chunked form at B = 4, L = 1024, H = 64, T = 64 on CPU, forward and backward). Instead
     piece ``j`` runs ``Tm`` (shared by the batch and the chunks: one matmul per feature) on
     the inputs of piece ``j`` and keeps the outputs of piece ``j``; ``lab`` is nondecreasing,
-    so the pieces partition the pairs exactly. :data:`PACKED_PASSES` matmuls cover chunks of
-    up to that many pieces; when some chunk holds more, ``lax.cond`` runs the masked form.
+    so the pieces partition the pairs exactly. ``lax.switch`` runs 1, 2, 4, … up to
+    :data:`PACKED_PASSES` passes, as few as the most fragmented chunk needs, and the masked
+    form when some chunk holds more pieces.
     """
     dtype = uc.dtype
 
-    def by_pieces(uc, Tm):
-        y = jnp.zeros(uc.shape[:3] + (Tm.shape[0], uc.shape[3]), dtype)
-        for j in range(PACKED_PASSES):
-            m = (lab == j).astype(dtype)
-            y = y + m[:, :, :, None] * jnp.einsum("hbks,chts->hbkct", uc * m, Tm)
-        return y
+    def by_pieces(n):
+        def run(uc, Tm):
+            y = jnp.zeros(uc.shape[:3] + (Tm.shape[0], uc.shape[3]), dtype)
+            for j in range(n):
+                m = (lab == j).astype(dtype)
+                y = y + m[:, :, :, None] * jnp.einsum("hbks,chts->hbkct", uc * m, Tm)
+            return y
+
+        return run
 
     def masked(uc, Tm):
         same = lab[..., :, None] == lab[..., None, :]  # (H|1, B, nc, T, T)
         return jnp.einsum("hbkts,chts->hbkct", uc[..., None, :] * same, Tm)
 
-    return jax.lax.cond(jnp.max(lab) < PACKED_PASSES, by_pieces, masked, uc, Tm)
+    # As few passes as the most fragmented chunk needs: 1, 2, 4, … PACKED_PASSES.
+    counts = [1 << i for i in range(PACKED_PASSES.bit_length()) if 1 << i <= PACKED_PASSES]
+    pieces = jnp.max(lab) + 1
+    branch = jnp.sum(pieces > jnp.asarray(counts))  # == len(counts): more than PACKED_PASSES
+    # Each branch rematerialised: lax.switch's backward keeps the union of every branch's
+    # residuals, zero-filled for the branches not taken; the masked form's (H, B, nc, T, T)
+    # products among them made a packed S4D layer's backward pass 2.5× slower (B = 4,
+    # L = 1024, H = 64 on CPU: 0.048 s against 0.019 s rematerialised).
+    branches = [jax.checkpoint(f) for f in [by_pieces(n) for n in counts] + [masked]]
+    return jax.lax.switch(branch, branches, uc, Tm)
 
 
 def chunked_ssm_conv_packed(u, ops: ChunkOps, starts, state=None, *, ops_bwd=None, starts_bwd=None):
