@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int
 
 __all__ = [
@@ -390,13 +391,78 @@ def _power(ops: ChunkOps, steps: int):
 
 
 def _apply(power, x):
-    """Apply a :func:`_power` result to real states ``x (H, B, S)`` laid out feature-major."""
+    """Apply a :func:`_power` result to real states ``x (..., H, B, S)`` laid out
+    feature-major (any leading axes, e.g. chunks)."""
     if jnp.iscomplexobj(power):
         g = power[:, None, :]
         half = g.shape[-1]
         xr, xi = x[..., :half], x[..., half:]
         return jnp.concatenate([g.real * xr - g.imag * xi, g.real * xi + g.imag * xr], axis=-1)
-    return jnp.einsum("hij,hbj->hbi", power, x)
+    return jnp.einsum("hij,...hbj->...hbi", power, x)
+
+
+def _pass_states(ops: ChunkOps, T: int, x0, s=None, reset=None, length: int | None = None):
+    """The states between chunks: ``x_{k+1} = A_k x_k + s_k`` with ``A_k = Ā^T``, or zero
+    where ``reset[k]`` (the chunk holds a segment start).
+
+    Args:
+      ops: :class:`ChunkOps` (its transition).
+      T: chunk length.
+      x0: real ``(H, B, S)`` state before chunk 0.
+      s: real ``(nc, H, B, S)`` every chunk's own contribution to the state at its end
+        (zero when None; then ``length`` gives ``nc``).
+      reset: bool ``(nc, H|1, B)`` or None (no resets).
+
+    Returns:
+      ``(x_prev (nc, H, B, S), x_last (H, B, S))``: the states before every chunk and after
+      the last.
+
+    Under the CPU rule (:func:`ssmix.auto_backend`) a ``lax.scan`` walks the chunks, the
+    cheapest form there. Under the GPU / TPU rules a scan of ``nc`` tiny steps is a round of
+    kernel launches per step, so the affine maps ``x ↦ A_k x + s_k`` are composed by a
+    doubling (Kogge–Stone) prefix scan, unrolled in Python over ``⌈log2 nc⌉`` levels with no
+    loop: at level ``d = 1, 2, 4, …`` every element ``k ≥ d`` adds ``A·b_{k−d}`` where the
+    composed transition ``A`` of its ``d`` chunks is ``Ā^{dT}`` (one matrix per feature,
+    shared by the batch and the chunks: one batched matmul per level for a dense system,
+    elementwise for a diagonal one) or zero when a chunk among them resets. Each map's
+    transition is ``Ā^T`` or zero, so it is carried as a flag rather than as its own
+    ``(S, S)`` matrix, which ``lax.associative_scan`` would need (``nc·H·B·S²`` numbers per
+    level for a dense system: gigabytes at S4's sizes).
+    """
+    G = _power(ops, T)
+    if resolve_backend(None) == "cpu":
+        if s is None:
+            x_last, x_prev = jax.lax.scan(lambda x, _: (_apply(G, x), x), x0, None, length=length)
+            return x_prev, x_last
+        if reset is None:
+            x_last, x_prev = jax.lax.scan(lambda x, s_k: (_apply(G, x) + s_k, x), x0, s)
+            return x_prev, x_last
+
+        def body(x, inp):
+            s_k, r_k = inp
+            return jnp.where(r_k[..., None], 0, _apply(G, x)) + s_k, x
+
+        x_last, x_prev = jax.lax.scan(body, x0, (s, reset))
+        return x_prev, x_last
+    if s is None:
+        s = jnp.zeros((length, *x0.shape), x0.dtype)
+    nc = s.shape[0]
+    first = _apply(G, x0)
+    if reset is not None:
+        first = jnp.where(reset[0][..., None], 0, first)
+        alive = ~reset
+    b = jnp.concatenate([(s[0] + first)[None], s[1:]])  # b_k: the prefix map applied to x0
+    d, P = 1, G
+    while d < nc:
+        add = _apply(P, b[:-d])
+        if reset is not None:
+            add = jnp.where(alive[d:][..., None], add, 0)
+            alive = jnp.concatenate([alive[:d], alive[d:] & alive[:-d]])
+        b = jnp.concatenate([b[:d], b[d:] + add])
+        d *= 2
+        if d < nc:
+            P = P * P if jnp.iscomplexobj(P) else P @ P
+    return jnp.concatenate([x0[None], b[:-1]]), b[-1]
 
 
 def _check_ops(u, ops: ChunkOps):
@@ -423,9 +489,7 @@ def _chunk_states(ut, ops: ChunkOps, x0):
     nc = Lp // T
     # Every chunk's own contribution to the state at its end.
     s = jnp.einsum("hmt,hst->hms", ut.reshape(H, Bsz * nc, T), ops.w_in).reshape(H, Bsz, nc, S)
-    G = _power(ops, T)
-    x_last, x_prev = jax.lax.scan(lambda x, s_c: (_apply(G, x) + s_c, x), x0, jnp.moveaxis(s, 2, 0))
-    return x_prev, x_last
+    return _pass_states(ops, T, x0, jnp.moveaxis(s, 2, 0))
 
 
 def _chunk_outputs(ut, x_prev, ops: ChunkOps):
@@ -526,9 +590,8 @@ def chunked_state_output(ops: ChunkOps, state, L: int):
     C, H, T = ops.taps.shape
     Bsz = state.shape[0]
     nc = -(-L // T)
-    G = _power(ops, T)
     x0 = jnp.transpose(state.astype(ops.w_in.dtype), (1, 0, 2))
-    _, x_prev = jax.lax.scan(lambda x, _: (_apply(G, x), x), x0, None, length=nc)
+    x_prev, _ = _pass_states(ops, T, x0, length=nc)
     y = jnp.einsum("khbs,chst->bktch", x_prev, ops.w_out)
     return y.reshape(Bsz, nc * T, C, H)[:, :L]
 
@@ -602,13 +665,7 @@ def _packed_chunks(ut, ops: ChunkOps, x0, st):
     reset = lab[..., -1] > 0  # (H|1, B, nc): the chunk holds a start
     uc = ut.reshape(H, Bsz, nc, T)
     s = jnp.einsum("hbkt,hst->hbks", uc * tail, ops.w_in)
-    G = _power(ops, T)
-
-    def body(x, inp):
-        s_k, r_k = inp
-        return jnp.where(r_k[..., None], 0, _apply(G, x)) + s_k, x
-
-    _, x_prev = jax.lax.scan(body, x0, (jnp.moveaxis(s, 2, 0), jnp.moveaxis(reset, 2, 0)))
+    x_prev, _ = _pass_states(ops, T, x0, jnp.moveaxis(s, 2, 0), jnp.moveaxis(reset, 2, 0))
     lag = jnp.arange(T)[:, None] - jnp.arange(T)[None, :]
     Tm = jnp.where(lag >= 0, jnp.take(ops.taps, jnp.clip(lag, 0, T - 1), axis=-1), 0)
     y = _same_segment_toeplitz(uc, Tm, lab)
