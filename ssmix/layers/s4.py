@@ -45,7 +45,10 @@ on when the chunk holds a start (:func:`~ssmix.kernels.vandermonde.chunked_ssm_c
 the in-chunk product runs the shared Toeplitz block once per segment piece of the most
 fragmented chunk, 1, 2, 4 or 8 passes, and a per-chunk masked product,
 ``O(B·H·L·chunk_size)`` memory, when some chunk holds more than 8 pieces); ``"materialized"``
-zeroes the ``L × L`` entries between different segments.
+zeroes the ``L × L`` entries between different segments. The states passed between chunks
+(packed or not) come from a ``lax.scan`` over the chunks under the CPU rule and from a
+loop-free doubling prefix scan, ``⌈log2(L/chunk_size)⌉`` levels of one batched product each,
+under the GPU / TPU rules (:func:`ssmix.auto_backend`).
 An FFT convolution cannot reset its state, so ``"fft"`` and ``"auto"`` run the ``"chunked"``
 mode when ``segment_ids`` is given. A state passed in enters only the first segment; the state
 returned is the last segment's. :meth:`LTISSM.step` is unchanged: a new segment starts from a
