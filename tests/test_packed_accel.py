@@ -23,9 +23,9 @@ from ssmix.layers import S4, S4D
 from ssmix.testing import assert_close, trace_stats
 
 H, N, L, CHUNK = 2, 4, 15, 2  # 8 chunks, the last one partial: doubling levels 1, 2, 4
-# Row 0: starts at 2 (a chunk edge), 3 (inside a chunk) and 11; row 1: one start at 8, so a
-# chunk run of 4 without a reset that the level-4 step must carry across.
-IDS = np.array([[0] * 2 + [1] + [2] * 8 + [3] * 4, [4] * 8 + [5] * 7], np.int32)
+# Row 0: starts at 2 (a chunk edge), 3 (inside a chunk) and 11; row 1: one start at 4, then
+# 6 chunks without a reset, which the level-4 step carries across.
+IDS = np.array([[0] * 2 + [1] + [2] * 8 + [3] * 4, [4] * 4 + [5] * 11], np.int32)
 
 
 def _make(cls, dtype=jnp.float64):
