@@ -297,11 +297,11 @@ class ShortConv(nnx.Module):
         if segment_ids is not None:
             segment_ids = check_segment_ids(segment_ids, *x.shape[:2])
         cd = activation_dtype(x.dtype, self.dtype)
-        x, w = zero_padding(x, mask).astype(cd), self.weight[...].astype(cd)
+        u, w = zero_padding(x, mask).astype(cd), self.weight[...].astype(cd)
         if segment_ids is None:
-            y = depthwise_conv_same(x, w)
+            y = depthwise_conv_same(u, w)
         else:
-            y = depthwise_conv_same_segments(x, w, segment_labels(segment_ids))
+            y = depthwise_conv_same_segments(u, w, segment_labels(segment_ids))
         if self.bias is not None:
             y = y + self.bias[...].astype(cd)
         return zero_padding(y, mask).astype(x.dtype)
