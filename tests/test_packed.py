@@ -347,32 +347,35 @@ def _value_and_sin_grad(f, uc, Tm):
     return f(uc, Tm), jax.grad(lambda u, t: jnp.sum(jnp.sin(f(u, t))), (0, 1))(uc, Tm)
 
 
-def test_same_segment_toeplitz_every_branch(x64, monkeypatch):
-    """The in-chunk Toeplitz product of packed S4-family convolutions: the shared-matrix
-    pieces form with 2 passes (every chunk holds at most 2 pieces), with 16 passes, and the
-    per-chunk masked form it falls back to (a chunk with more than ``PACKED_PASSES`` pieces),
-    each against the direct masked sum, values and gradients."""
-    from ssmix.kernels import vandermonde
+def test_same_segment_toeplitz_every_branch(x64):
+    """The in-chunk Toeplitz product of packed S4-family convolutions against the direct
+    masked sum (values and gradients) in each branch: 2 shared-matrix passes (every chunk
+    holds at most 2 pieces), 8 passes (5 pieces), and for a chunk of 12 pieces (one starting
+    at every position: more than ``PACKED_PASSES = 8``) the CPU rule's masked product and
+    the GPU rule's one pass per chunk position."""
+    from ssmix.kernels.vandermonde import _same_segment_toeplitz
 
     H, B, nc, T, C = 2, 2, 3, 12, 2
     rng = np.random.default_rng(0)
     uc = jnp.asarray(rng.normal(size=(H, B, nc, T)))
     Tm = jnp.asarray(np.tril(rng.normal(size=(C, H, T, T))))
     few = np.zeros((1, B, nc, T), bool)
-    few[0, 0, 1, 5] = few[0, 1, 2, 0] = few[0, 1, 0, 11] = True  # at most 2 pieces per chunk
+    few[0, 0, 1, 5] = few[0, 1, 2, 0] = few[0, 1, 0, 11] = True
+    mid = few.copy()
+    mid[0, 0, 2, [2, 4, 6, 8]] = True
     many = rng.random((1, B, nc, T)) < 0.3
-    many[0, 1, 2] = True  # one chunk of 12 pieces: more than PACKED_PASSES = 8
-    for starts, passes in ((few, 8), (many, 8), (many, 16)):
+    many[0, 1, 2] = True
+    for starts, backend in ((few, "cpu"), (mid, "cpu"), (many, "cpu"), (many, "gpu")):
         lab = jnp.asarray(np.cumsum(starts, axis=-1))
         same = lab[..., :, None] == lab[..., None, :]
-        monkeypatch.setattr(vandermonde, "PACKED_PASSES", passes)
-        fast = functools.partial(vandermonde._same_segment_toeplitz, lab=lab)
+        fast = functools.partial(_same_segment_toeplitz, lab=lab)
         direct = functools.partial(jnp.einsum, "hbkts,chts->hbkct")
-        got, want = jax.jit(
-            lambda uc, Tm, fast=fast, direct=direct, same=same: (
-                _value_and_sin_grad(fast, uc, Tm),
-                _value_and_sin_grad(lambda u, t: direct(u[..., None, :] * same, t), uc, Tm),
-            )
-        )(uc, Tm)
+        with ssmix.auto_backend(backend):
+            got, want = jax.jit(
+                lambda uc, Tm, fast=fast, direct=direct, same=same: (
+                    _value_and_sin_grad(fast, uc, Tm),
+                    _value_and_sin_grad(lambda u, t: direct(u[..., None, :] * same, t), uc, Tm),
+                )
+            )(uc, Tm)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             assert_close(a, b, atol=1e-12, ratio=1e-12)
