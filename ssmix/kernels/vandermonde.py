@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from ssmix._backend import resolve_backend
 from ssmix._checks import check_choice, check_ndim, check_positive_int
+from ssmix.kernels.attention._common import tile_fits
 
 __all__ = [
     "DISCS",
@@ -695,10 +696,11 @@ def _same_segment_toeplitz(uc, Tm, lab):
     :data:`PACKED_PASSES` passes, as few as the most fragmented chunk needs. When some chunk
     holds more pieces (documents much shorter than the chunk), the CPU rule
     (:func:`ssmix.auto_backend`) masks the full ``(H, B, nc, T, T)`` product (0.06 s against
-    0.022 s for typical packing at B = 4, L = 1024, H = 64, T = 64, forward and backward);
-    the GPU / TPU rules run ``T`` passes instead (one per possible piece), because the masked
-    product would take 1 GiB at B = 2, L = 16384, H = 128 in float32, and as a branch of the
-    switch its buffers count toward the peak memory whichever branch runs.
+    0.022 s for typical packing at B = 4, L = 1024, H = 64, T = 64, forward and backward)
+    while it fits in 256 MiB; beyond that, and under the GPU / TPU rules, ``T`` passes run
+    instead (one per possible piece): the masked product would take 2 GiB at B = 2,
+    L = 16384, H = 128 bidirectional in float32, and as a branch of the switch its buffers
+    count toward the peak memory whichever branch runs.
     """
     T = uc.shape[3]
     lab = lab - lab[..., :1]  # each chunk's first piece is 0, so pieces ≤ T
@@ -721,7 +723,8 @@ def _same_segment_toeplitz(uc, Tm, lab):
     # As few passes as the most fragmented chunk needs: 1, 2, 4, … PACKED_PASSES, else the
     # fallback.
     counts = [1 << i for i in range(PACKED_PASSES.bit_length()) if 1 << i <= min(PACKED_PASSES, T)]
-    fallback = masked if resolve_backend(None) == "cpu" else by_pieces(T)
+    small = tile_fits(uc.size * T * Tm.shape[0] * uc.dtype.itemsize)
+    fallback = masked if resolve_backend(None) == "cpu" and small else by_pieces(T)
     pieces = jnp.max(lab) + 1
     branch = jnp.sum(pieces > jnp.asarray(counts))  # len(counts): the fallback
     # Each branch rematerialised: lax.switch's backward keeps the union of every branch's
