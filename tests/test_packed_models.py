@@ -40,15 +40,17 @@ def _model(head="token"):
 def test_packed_rows_equal_each_document_alone(x64):
     """Each document alone = its own row, right-padded and masked (one batched call)."""
     model = _model()
+    graph, state = nnx.split(model)
+    run = jax.jit(lambda state, *args, **kw: nnx.merge(graph, state)(*args, **kw))
     tokens = jax.random.randint(jax.random.key(1), (2, L), 1, 13)
-    packed = model(tokens, segment_ids=jnp.asarray(IDS, jnp.int32))
+    packed = run(state, tokens, segment_ids=jnp.asarray(IDS, jnp.int32))
     docs = [(b, np.nonzero(IDS[b] == seg)[0]) for b in range(2) for seg in np.unique(IDS[b])]
     alone_tokens = np.zeros((len(docs), L), np.int32)
     alone_mask = np.zeros((len(docs), L), bool)
     for k, (b, where) in enumerate(docs):
         alone_tokens[k, : len(where)] = np.asarray(tokens)[b, where]
         alone_mask[k, : len(where)] = True
-    alone = model(jnp.asarray(alone_tokens), jnp.asarray(alone_mask))
+    alone = run(state, jnp.asarray(alone_tokens), jnp.asarray(alone_mask))
     for k, (b, where) in enumerate(docs):
         assert_close(alone[k, : len(where)], packed[b, where], atol=1e-12, ratio=1e-10)
 
