@@ -185,37 +185,10 @@ def _check_grads(layer, mode):
     assert_close(ref, got, name=f"{mode} gradients")
 
 
-def _s4d(init="legs"):
+def _maker(cls):
+    """``make(bidirectional, mode="chunked")``: a float64 ``cls`` layer of this file's sizes."""
+
     def make(bidirectional, mode="chunked"):
-        return S4D(
-            H,
-            N,
-            init=init,
-            chunk_size=CHUNK,
-            bidirectional=bidirectional,
-            mode=mode,
-            param_dtype=jnp.float64,
-            rngs=nnx.Rngs(0),
-        )
-
-    return make
-
-
-def _s4(bidirectional, mode="chunked"):
-    return S4(
-        H,
-        N,
-        chunk_size=CHUNK,
-        bidirectional=bidirectional,
-        mode=mode,
-        param_dtype=jnp.float64,
-        rngs=nnx.Rngs(0),
-    )
-
-
-def _s5(ptd=False):
-    def make(bidirectional, mode="chunked"):
-        cls = S5PTD if ptd else S5
         return cls(
             H,
             N,
@@ -230,7 +203,7 @@ def _s5(ptd=False):
 
 
 def test_s4d_packed(x64):
-    make = _s4d()
+    make = _maker(S4D)
     _check_modes(make, ("scan", "chunked", "materialized"))
     # "fft" and "auto" run the chunked form with segment_ids: the very same program.
     _same_program(make(True), "fft", "chunked")
@@ -239,29 +212,25 @@ def test_s4d_packed(x64):
 
 
 def test_s4_packed(x64):
-    _check_modes(_s4, ("scan", "chunked", "materialized"))
-    _same_program(_s4(False), "fft", "chunked")
-    _check_grads(_s4(False), "scan")
+    make = _maker(S4)
+    _check_modes(make, ("scan", "chunked", "materialized"))
+    _same_program(make(False), "fft", "chunked")
+    _check_grads(make(False), "scan")
 
 
 def test_s5_packed(x64):
-    _check_modes(_s5(), ("chunked", "materialized"), ("sequential", "associative", "parallel"))
-    _same_program(_s5()(True), "auto", s5_auto_mode(L))
-    _check_grads(_s5()(False), "parallel")
+    make = _maker(S5)
+    _check_modes(make, ("chunked", "materialized"), ("sequential", "associative", "parallel"))
+    _same_program(make(True), "auto", s5_auto_mode(L))
+    _check_grads(make(False), "parallel")
 
 
 def test_ptd_packed(x64):
-    _check_modes(
-        lambda b: S4PTD(
-            H, N, chunk_size=CHUNK, bidirectional=b, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
-        ),
-        (),
-        ("chunked",),
-    )
-    _check_modes(_s5(ptd=True), (), ("chunked",))
+    _check_modes(_maker(S4PTD), (), ("chunked",))
+    _check_modes(_maker(S5PTD), (), ("chunked",))
 
 
-@pytest.mark.parametrize("make", [_s4d(), _s4, _s5()], ids=["S4D", "S4", "S5"])
+@pytest.mark.parametrize("make", [_maker(S4D), _maker(S4), _maker(S5)], ids=["S4D", "S4", "S5"])
 def test_segment_ids_errors(make, x64):
     layer = make(False)
     x = jnp.zeros((2, L, H))
