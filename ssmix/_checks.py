@@ -40,6 +40,18 @@ def check_even(name: str, value: Any) -> int:
     return value
 
 
+def check_floating(name: str, x: Any, hint: str = "") -> None:
+    """``TypeError`` unless ``x`` is a floating-point array: an integer input would come back
+    truncated. ``hint`` is appended to the message's advice."""
+    import jax.numpy as jnp
+
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array (float32, float64, bfloat16, ...); got "
+            f"{x.dtype}: cast it, e.g. {name}.astype(jnp.float32){hint}"
+        )
+
+
 def check_sequence_input(
     x: Any, mask: Any, features: int, *, name: str = "x", features_name: str | None = None
 ) -> None:
@@ -56,11 +68,7 @@ def check_sequence_input(
     label = str(features) if features_name is None else f"{features_name}={features}"
     shape_doc = f"(B, L, {label})"
     check_ndim(name, x, 3, shape_doc)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be a floating-point array (float32, float64, bfloat16, ...); got "
-            f"{x.dtype}: cast it, e.g. {name}.astype(jnp.float32), or embed integer tokens first"
-        )
+    check_floating(name, x, ", or embed integer tokens first")
     if x.shape[-1] != features:
         raise ValueError(f"{name} must have shape {shape_doc}; got {x.shape}")
     if x.shape[1] < 1:

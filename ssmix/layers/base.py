@@ -71,7 +71,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import variablelib
 
-from ssmix._checks import check_ndim
+from ssmix._checks import check_floating, check_ndim
 
 #: Storage dtypes of complex SSM parameters (``param_dtype`` of S4, S4D, S5, S4PTD, S5PTD).
 SSM_PARAM_DTYPES = ("float32", "float64")
@@ -185,10 +185,6 @@ def check_step_input(x_t: jax.Array, features: int) -> None:
     """``x_t`` of :meth:`step`: a floating ``(B, features)`` array (integers would come back
     truncated: ``TypeError``)."""
     check_ndim("x_t", x_t, 2, f"(B, {features})")
-    if not jnp.issubdtype(x_t.dtype, jnp.floating):
-        raise TypeError(
-            f"x_t must be a floating-point array (float32, float64, bfloat16, ...); got "
-            f"{x_t.dtype}: cast it, e.g. x_t.astype(jnp.float32)"
-        )
+    check_floating("x_t", x_t)
     if x_t.shape[1] != features:
         raise ValueError(f"x_t must have shape (B, {features}); got {x_t.shape}")

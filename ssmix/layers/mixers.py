@@ -73,7 +73,13 @@ from flax import nnx
 from jax import lax
 
 from ssmix._backend import resolve_backend
-from ssmix._checks import check_choice, check_ndim, check_positive_int, check_sequence_input
+from ssmix._checks import (
+    check_choice,
+    check_floating,
+    check_ndim,
+    check_positive_int,
+    check_sequence_input,
+)
 from ssmix.kernels.attention import softmax_attention
 from ssmix.kernels.fftconv import fft_conv_bidirectional
 from ssmix.kernels.scan._common import check_segment_ids, positions_in_segment
@@ -291,7 +297,7 @@ class ShortConv(nnx.Module):
         """``x (B, L, C)``, ``mask (B, L)`` bool or None, ``segment_ids (B, L)`` integer or
         None (packed sequences) -> ``(B, L, C)``."""
         check_ndim("x", x, 3, f"(B, L, C={self.channels})")
-        _check_floating("x", x)
+        check_floating("x", x)
         if x.shape[-1] != self.channels:
             raise ValueError(f"x must have {self.channels} channels; got {x.shape}")
         if segment_ids is not None:
@@ -305,15 +311,6 @@ class ShortConv(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(cd)
         return zero_padding(y, mask).astype(x.dtype)
-
-
-def _check_floating(name: str, x: jax.Array) -> None:
-    """``TypeError`` for a non-floating array (an integer result would be truncated)."""
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be a floating-point array (float32, float64, bfloat16, ...); got "
-            f"{x.dtype}: cast it, e.g. {name}.astype(jnp.float32)"
-        )
 
 
 class GatedRMSNorm(nnx.Module):
@@ -344,8 +341,8 @@ class GatedRMSNorm(nnx.Module):
                 f"y and z must have the same shape ending in {self.features}; "
                 f"got {y.shape} and {z.shape}"
             )
-        _check_floating("y", y)
-        _check_floating("z", z)
+        check_floating("y", y)
+        check_floating("z", z)
         cd = activation_dtype(y.dtype, self.dtype)
         y32 = y.astype(ssm_dtype(cd))
         rms = jax.lax.rsqrt(jnp.mean(y32 * y32, axis=-1, keepdims=True) + self.eps)
@@ -408,9 +405,7 @@ class GatedConvWrapper(nnx.Module):
         weight gradient sums ``x_t ⊗ cotangent_t`` over every position, and ``0 · NaN`` is
         NaN). With ``segment_ids (B, L)`` (integer; packed sequences) the convolution reads no
         tap from another segment (:class:`ShortConv`)."""
-        check_input(x, self.d_model, mask)
-        if segment_ids is not None:
-            segment_ids = check_segment_ids(segment_ids, *x.shape[:2])
+        check_input(x, self.d_model, mask)  # segment_ids: checked by the convolution
         x = zero_padding(x, mask).astype(activation_dtype(x.dtype, self.dtype))
         # One matmul per part with a column block of in_proj's weight, over flattened leading
         # axes: slicing one (B, L, total) product would make every part's gradient a padded
