@@ -184,7 +184,7 @@ def test_materialize_reproduces_the_mixer(x64):
         M = model.materialize(x, segment_ids=seg)
         assert M.shape == (2, 4, 7, 7)
         assert np.all(np.asarray(M)[..., np.triu_indices(7, 1)[0], np.triu_indices(7, 1)[1]] == 0)
-        _, (xs, dt, A, B, C), _ = model._mixer_inputs(x, None, seg)
+        _, (xs, dt, A, B, C) = model._mixer_inputs(x, None, seg)
         y, _ = ssd(xs, dt, A, B, C, method="materialized", segment_ids=seg)
         y = y + model.D[...][:, None] * xs
         assert_close(y, jnp.einsum("bhts,bshp->bthp", M, xs))

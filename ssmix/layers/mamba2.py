@@ -206,8 +206,7 @@ class Mamba2(nnx.Module):
         return act, ssm_dtype(act)
 
     def _mixer_inputs(self, x, mask, segment_ids):
-        """Input checks, then ``z``, the SSD arguments ``(x, dt, A, B, C)`` and the segment
-        labels (None without ``segment_ids``)."""
+        """Input checks, then ``z`` and the SSD arguments ``(x, dt, A, B, C)``."""
         check_sequence_input(x, mask, self.d_model, features_name="d_model")
         b, L = x.shape[:2]
         labels = None
@@ -225,7 +224,7 @@ class Mamba2(nnx.Module):
         dt = jax.nn.softplus(dt.astype(core) + self.dt_bias[...].astype(core))
         dt = zero_padding(dt, mask)
         A = -jnp.exp(self.A_log[...].astype(core))
-        return z, (xs, dt, A, B, C), labels
+        return z, (xs, dt, A, B, C)
 
     def _finish(self, y, xs, z):
         """SSD output ``y (…, Hh, P)``, values ``xs`` and gate ``z`` -> ``(…, d_model)``."""
@@ -247,7 +246,7 @@ class Mamba2(nnx.Module):
         """``x (B, L, d_model)`` floating, ``mask (B, L)`` bool or None (right padding),
         ``segment_ids (B, L)`` integer or None (packed sequences) -> ``(B, L, d_model)``."""
         mode = self._check_mode()
-        z, (xs, dt, A, B, C), _ = self._mixer_inputs(x, mask, segment_ids)
+        z, (xs, dt, A, B, C) = self._mixer_inputs(x, mask, segment_ids)
         y, _ = ssd(
             xs, dt, A, B, C, chunk_size=self.chunk_size, method=mode, segment_ids=segment_ids
         )
@@ -267,10 +266,8 @@ class Mamba2(nnx.Module):
         ``out_proj``); the skip ``D_h`` is on the diagonal. With ``segment_ids`` entries
         between different segments are zero.
         """
-        _, (xs, dt, A, B, C), labels = self._mixer_inputs(x, mask, segment_ids)
-        M = ssd_matrix(dt, A, B, C)
-        if labels is not None:
-            M = jnp.where((labels[:, None, :, None] == labels[:, None, None, :]), M, 0)
+        _, (xs, dt, A, B, C) = self._mixer_inputs(x, mask, segment_ids)
+        M = ssd_matrix(dt, A, B, C, segment_ids=segment_ids)
         if self.D is not None:
             L = x.shape[1]
             M = M + self.D[...].astype(M.dtype)[:, None, None] * jnp.eye(L, dtype=M.dtype)

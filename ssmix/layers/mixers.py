@@ -815,15 +815,12 @@ class MatrixMixer(GatedConvWrapper):
             return _cauchy_matrix(q, k, scale)
         if kind == "low_rank":
             return scale * jnp.einsum("bthd,bshd->bhts", q, k)
-        same = None if segment_ids is None else _same_segment(segment_ids)
         if kind == "attention":
+            same = None if segment_ids is None else _same_segment(segment_ids)
             return _attention_matrix(q, k, mask, same)
         dt, A = feats["dt"], feats["A"]
         if kind == "semiseparable":
-            M = ssd_matrix(dt, A, k, q)
-            # Within a segment the entries involve its own steps only; exp(A·Σ dt) ≤ 1 across
-            # a boundary, so masking afterwards is exact and finite.
-            return M if same is None else jnp.where(same, M, 0)
+            return ssd_matrix(dt, A, k, q, segment_ids=segment_ids)
         zero = jnp.zeros((b, L, H), dt.dtype)
         return quasiseparable_matrix(
             dt[..., :H], dt[..., H:], A, k, q, k, q, zero, segment_ids=segment_ids

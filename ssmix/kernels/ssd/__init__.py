@@ -274,21 +274,32 @@ def _ssd(
 
 @functools.partial(jax.jit, static_argnames=("reverse",))
 def ssd_matrix(
-    dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, reverse: bool = False
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    *,
+    reverse: bool = False,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """The SSD mixing matrix ``M (B, Hh, L, L)`` with ``y[:, t, h] = Σ_s M[:, h, t, s] x[:, s, h]``.
 
     Forward: ``M[t, s] = C_t·B_s·exp(A·Σ_{r=s+1}^{t} dt_r)·dt_s`` for ``s ≤ t``, else 0.
     Reverse: ``M[t, s] = C_t·B_s·exp(A·Σ_{r=t}^{s−1} dt_r)·dt_s`` for ``s ≥ t``, else 0.
     Shapes as in :func:`ssd` (``dt (B, L, Hh)``, ``A (Hh,)``, ``B, C (B, L, G, N)``). O(L²).
+    With ``segment_ids (B, L)`` (integer, packed sequences) ``M[t, s] = 0`` when ``s`` and
+    ``t`` lie in different segments (masked before the exponential).
     """
     check_ndim("dt", dt, 3, "(B, L, Hh)")
     b, L, H = dt.shape
     x_like = jax.ShapeDtypeStruct((b, L, H, 1), dt.dtype)
     check_ssd_args(x_like, dt, A, B, C)
+    labels = None
+    if segment_ids is not None:
+        labels = segment_labels(check_segment_ids(segment_ids, b, L))
     _, dtype = compute_dtype(dt, A, B, C)
     dt, A, B, C = (v.astype(dtype) for v in (dt, A, B, C))
-    return ssd_matrix_naive(dt, A, B, C, reverse)
+    return ssd_matrix_naive(dt, A, B, C, reverse, labels)
 
 
 def quasiseparable(
